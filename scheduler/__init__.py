@@ -1,0 +1,1 @@
+"""scheduler: asyncio request scheduler for OpenAI-compatible LLM APIs."""

@@ -1,0 +1,1 @@
+"""Built-in OpenAI-compatible mock server that enforces rate limits."""
