@@ -1,1 +1,60 @@
-"""scheduler: asyncio request scheduler for OpenAI-compatible LLM APIs."""
+"""scheduler: an asyncio request scheduler and worker pool for OpenAI-compatible LLM APIs."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import AuthenticationFailed as AuthenticationFailed
+from .errors import BudgetExhausted as BudgetExhausted
+from .errors import ConfigurationError as ConfigurationError
+from .errors import DeadlineExceeded as DeadlineExceeded
+from .errors import JobError as JobError
+from .errors import PoolClosed as PoolClosed
+from .errors import QuotaExhausted as QuotaExhausted
+from .errors import RequestRejected as RequestRejected
+from .errors import RequestTooLarge as RequestTooLarge
+from .errors import RetriesExhausted as RetriesExhausted
+from .errors import RunStopped as RunStopped
+from .errors import SchedulerError as SchedulerError
+from .limits import Limits as Limits
+from .pool import Pool as Pool
+from .pool import PoolStatistics as PoolStatistics
+from .pool import PoolStream as PoolStream
+from .pool import Request as Request
+from .results import ErrorInfo as ErrorInfo
+from .results import Result as Result
+from .results import Usage as Usage
+from .retry import Backoff as Backoff
+from .sinks import CallbackSink as CallbackSink
+from .sinks import JsonlSink as JsonlSink
+from .sinks import MemorySink as MemorySink
+
+try:
+    __version__ = version("llm-request-scheduler")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AuthenticationFailed",
+    "Backoff",
+    "BudgetExhausted",
+    "CallbackSink",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "ErrorInfo",
+    "JobError",
+    "JsonlSink",
+    "Limits",
+    "MemorySink",
+    "Pool",
+    "PoolClosed",
+    "PoolStatistics",
+    "PoolStream",
+    "QuotaExhausted",
+    "Request",
+    "RequestRejected",
+    "RequestTooLarge",
+    "Result",
+    "RetriesExhausted",
+    "RunStopped",
+    "SchedulerError",
+    "Usage",
+]

@@ -1,0 +1,110 @@
+"""What to do with a failed attempt: the classification table of DESIGN.md section 4, and the backoff."""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Backoff", "Outcome", "classify", "error_code", "retry_after_s"]
+
+# Billing codes that 429 carries when money, not rate, is the problem: retrying cannot help.
+_QUOTA_CODES = frozenset({"insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached"})
+_JOB_FATAL = frozenset({400, 404, 413, 422})
+_RETRYABLE = frozenset({408, 409})
+
+
+class Outcome(enum.Enum):
+    """How the pool treats one attempt's answer."""
+
+    SUCCESS = "success"
+    RETRY = "retry"  # 408, 409, 5xx, connection error, timeout
+    RATE_LIMITED = "rate_limited"  # 429 rate_limit_exceeded: retry and pause all dispatch
+    JOB_FATAL = "job_fatal"  # error result, no retry
+    QUOTA = "quota"  # run-fatal: stop admitting
+    AUTH = "auth"  # run-fatal: the key was refused
+
+
+def error_code(body: Any) -> str | None:
+    """The ``error.code`` (or ``error.type``) of an OpenAI error body."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            code = err.get("code") or err.get("type")
+            return str(code) if code is not None else None
+    return None
+
+
+def _is_quota_code(code: str | None) -> bool:
+    return code is not None and (
+        code in _QUOTA_CODES or code.endswith("_spend_limit_exceeded") or code.endswith("_usage_limit_exceeded")
+    )
+
+
+def classify(status: int, headers: Mapping[str, str], body: Any) -> Outcome:
+    """Classify one HTTP answer."""
+    if 200 <= status < 300:
+        return Outcome.SUCCESS
+    if status in (401, 403):
+        return Outcome.AUTH
+    code = error_code(body)
+    if status == 429 and _is_quota_code(code):
+        return Outcome.QUOTA
+    should_retry = headers.get("x-should-retry")
+    if should_retry == "false":
+        return Outcome.JOB_FATAL
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if should_retry == "true" or status in _RETRYABLE or status >= 500:
+        return Outcome.RETRY
+    if status in _JOB_FATAL:
+        return Outcome.JOB_FATAL
+    # Other 4xx are the request's own fault; other statuses are odd enough not to hammer the server with.
+    return Outcome.JOB_FATAL
+
+
+def retry_after_s(headers: Mapping[str, str], now_unix: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, else ``retry-after`` (seconds or an HTTP date)."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = math.nan
+        if math.isfinite(ms) and ms >= 0:
+            return ms / 1000
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        # The one place wall-clock time is right: an HTTP date is wall-clock time.
+        now = time.time() if now_unix is None else now_unix
+        return max(0.0, email.utils.mktime_tz(parsed) - now)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Full-jitter exponential backoff: ``random(0, min(cap_s, base_s * 2**(attempt-1)))``.
+
+    Full jitter spreads the retries of a burst of failures over the whole window, so they do not come back
+    as a second burst (see AWS' "Exponential Backoff And Jitter").
+    """
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """The delay before retry number ``attempt`` (1 for the first retry)."""
+        ceiling = min(self.cap_s, self.base_s * 2 ** min(attempt - 1, 60))
+        return rng.uniform(0, ceiling)
