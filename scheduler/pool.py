@@ -353,9 +353,9 @@ class Pool:
         collector = _MapCollector(send)
         failure: list[BaseException] = []
 
-        async def feed(scope_ready: anyio.abc.TaskStatus[anyio.CancelScope]) -> None:
+        async def feed(*, task_status: anyio.abc.TaskStatus[anyio.CancelScope]) -> None:
             with anyio.CancelScope() as scope:
-                scope_ready.started(scope)
+                task_status.started(scope)
                 try:
                     if isinstance(requests, AsyncIterable):
                         async for item in requests:
@@ -387,7 +387,11 @@ class Pool:
             job = await self._new_job(endpoint, body, None, 0, None)
         job.deliver = collector
         collector.pending += 1
-        await self._enqueue(job)
+        try:
+            await self._enqueue(job)
+        except BaseException:
+            collector.pending -= 1
+            raise
 
     def statistics(self) -> PoolStatistics:
         """The pool's counters and current rates."""
@@ -477,7 +481,13 @@ class Pool:
                 f"the request needs about {job.estimate} tokens, more than the whole limit of {limits.tpm} TPM",
             )
         else:
-            await self._queue.put(job)
+            try:
+                await self._queue.put(job)
+            except BaseException:
+                # Cancelled while waiting for room: the job never entered the queue.
+                self._submitted -= 1
+                self._settle()
+                raise
 
     # ------------------------------------------------------------------ dispatching
 
@@ -692,7 +702,7 @@ class Pool:
         result = Result(
             custom_id=job.custom_id, endpoint=job.endpoint,
             status=response.status if response is not None else None,
-            body=response.body if response is not None else None,
+            body=_redact_body(response.body) if response is not None else None,
             request_id=response.request_id if response is not None else None,
             attempts=job.attempts, latency_s=self._clock.now() - job.submitted_at,
             error=ErrorInfo(kind.code, message), model=_str_or_none(job.body.get("model")),
@@ -784,6 +794,7 @@ class PoolStream:
             return await self._receive.receive()
         except anyio.EndOfStream:
             assert self._future is not None
+            self._receive.close()
             self.result = result = await self._future
             if result.error is not None:
                 raise _ERROR_CLASSES.get(result.error.code, errors.JobError)(result.error.message, result) from None
@@ -808,6 +819,15 @@ def _describe(response: Response) -> str:
         message = body["error"].get("message")
     detail = f": {str(message)[:300]}" if message else ""
     return redact(f"HTTP {response.status}{detail}")
+
+
+def _redact_body(body: Any) -> Any:
+    """An error body with its message redacted: a 401's message can quote the key."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = body["error"].get("message")
+        if isinstance(message, str):
+            return {**body, "error": {**body["error"], "message": redact(message)}}
+    return body
 
 
 def _limit_kind(body: Any) -> str | None:
