@@ -151,8 +151,9 @@ class Limiter(Protocol):
         """Charge one request and ``tokens`` if both fit now and return 0.0; else charge nothing and return
         the seconds to wait before asking again."""
 
-    def mark(self) -> tuple[float, float]:
-        """Cumulative (requests, tokens) charged so far: taken when a request goes on the wire."""
+    def on_wire(self, tokens: int) -> tuple[float, float]:
+        """An admitted request charged ``tokens`` goes on the wire now. Returns the cumulative (requests,
+        tokens) sent so far, this one included: the mark that its response is reconciled against."""
 
     async def observe(self, headers: Mapping[str, str] | None, sent_at: float, mark: tuple[float, float]) -> None:
         """Take in a response's headers (None: no HTTP answer) for the request sent at ``sent_at``."""
@@ -160,8 +161,9 @@ class Limiter(Protocol):
     async def refund(self, tokens: int) -> None:
         """Give back tokens charged but not spent."""
 
-    async def rate_limited(self, kind: str | None) -> None:
-        """A 429 came back: the server's bucket (``requests``, ``tokens`` or None for both) is empty."""
+    async def rate_limited(self, kind: str | None, tokens: int) -> None:
+        """A 429 came back for a request charged ``tokens``: the server's bucket (``requests``, ``tokens`` or
+        None for both) is empty, and it charged nothing for that request."""
 
     def snapshot(self) -> Limits | None:
         """The limits in force (None while still unknown)."""
@@ -195,13 +197,19 @@ class LocalLimiter:
     ratio: float = field(init=False, default=1.0)
     _charged_requests: float = field(init=False, default=0.0)
     _charged_tokens: float = field(init=False, default=0.0)
+    # What has gone on the wire: a burst is admitted at once, but leaves over the SDK's CPU time per request,
+    # and the server counts each one only when it arrives.
+    _sent_requests: float = field(init=False, default=0.0)
+    _sent_tokens: float = field(init=False, default=0.0)
     _probe_in_flight: bool = field(init=False, default=False)
     _anchor: _Calibration | None = field(init=False, default=None)
+    _first_sent: float | None = field(init=False, default=None)
+    _first_acquire: bool = field(init=False, default=True)
     #: a 429 halves the burst; successes widen it back
     _burst_factor: float = field(init=False, default=1.0)
 
     #: seconds between two calibration points
-    calibration_window_s = 2.0
+    calibration_window_s = 0.5
 
     def __post_init__(self) -> None:
         if self.limits is not None:
@@ -211,6 +219,12 @@ class LocalLimiter:
         self.limits = limits
         self.requests = TokenBucket(limits.rpm, limits.burst_s, now) if limits.rpm else None
         self.tokens = TokenBucket(limits.tpm, limits.burst_s, now) if limits.tpm else None
+        if self.tokens is not None:
+            # A cautious first burst: until the headers calibrate our estimates, the server may count more.
+            self.tokens.level = self.tokens.capacity * self.initial_token_fill
+
+    #: share of the token bucket available at the start
+    initial_token_fill = 0.5
 
     def scale(self, estimate: int) -> int:
         return math.ceil(estimate * self.ratio) if self.ratio != 1.0 else estimate
@@ -226,6 +240,13 @@ class LocalLimiter:
             self._charged_tokens += tokens
             return 0.0
         requests, bucket = self.requests, self.tokens
+        if self._first_acquire:
+            # Time before the first request earns no refill: the cautious first burst stays cautious however
+            # long start-up took.
+            self._first_acquire = False
+            for started in (requests, bucket):
+                if started is not None:
+                    started.updated = now
         wait = requests.wait_time(1, now) if requests is not None else 0.0
         if bucket is not None:
             wait = max(wait, bucket.wait_time(tokens, now))
@@ -239,7 +260,15 @@ class LocalLimiter:
         self._charged_tokens += tokens
         return 0.0
 
+    def on_wire(self, tokens: int, now: float) -> tuple[float, float]:
+        if self._first_sent is None:
+            self._first_sent = now
+        self._sent_requests += 1
+        self._sent_tokens += tokens
+        return (self._sent_requests, self._sent_tokens)
+
     def mark(self) -> tuple[float, float]:
+        """Cumulative (requests, tokens) charged so far."""
         return (self._charged_requests, self._charged_tokens)
 
     def clock_observe(
@@ -300,27 +329,41 @@ class LocalLimiter:
     def _calibrate(self, limit: float, remaining: float, sent_at: float, charged: float) -> None:
         deficit = limit - remaining
         anchor = self._anchor
-        if anchor is None or deficit <= 0 or anchor.deficit <= 0:
+        if anchor is None and self._first_sent is not None:
+            # First answer: measure from our first request, taking the server's bucket as full then. If it was
+            # not (another client spent from it), the ratio comes out high: cautious, and the next window fixes it.
+            anchor = _Calibration(self._first_sent, 0.0, 0.0)
+        if anchor is None or deficit <= 0:
             self._anchor = _Calibration(sent_at, deficit, charged)
             return
         span = sent_at - anchor.sent_at
-        if span < self.calibration_window_s:
+        if span < self.calibration_window_s and anchor.sent_at != self._first_sent:
             return  # out-of-order answers (span < 0) and short spans are too noisy to learn from
         ours = charged - anchor.charged
         theirs = deficit - anchor.deficit + span * limit / 60.0
         self._anchor = _Calibration(sent_at, deficit, charged)
         if ours <= 0 or theirs <= 0:
             return
-        # Damped multiplicative update: charges in the window were already scaled by the old ratio.
-        self.ratio = min(4.0, max(0.25, self.ratio * math.sqrt(theirs / ours)))
+        # Multiplicative: charges in the window were already scaled by the old ratio. A step is capped so one
+        # odd window (a burst of answers out of order) cannot swing it far.
+        step = min(1.5, max(0.67, theirs / ours))
+        self.ratio = min(4.0, max(0.25, self.ratio * step))
 
     def clock_refund(self, tokens: int, now: float) -> None:
         if self.tokens is not None and tokens > 0:
             self.tokens.refund(tokens, now)
             self._charged_tokens -= tokens
+            self._sent_tokens -= tokens
 
-    def clock_rate_limited(self, kind: str | None, now: float) -> None:
+    def clock_rate_limited(self, kind: str | None, tokens: int, now: float) -> None:
         """Empty the bucket the server says is empty, and halve the burst until successes widen it again."""
+        # The server charged nothing for a refused request: keep our cumulative count in step with its.
+        self._charged_requests -= 1
+        self._charged_tokens -= tokens
+        self._sent_requests -= 1
+        self._sent_tokens -= tokens
+        if self.limits is None:
+            return
         self._burst_factor = max(0.25, self._burst_factor * 0.5)
         self._apply_burst(now)
         for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
@@ -347,8 +390,8 @@ class ClockedLimiter:
     async def acquire(self, tokens: int) -> float:
         return self.local.clock_acquire(tokens, self._clock.now())
 
-    def mark(self) -> tuple[float, float]:
-        return self.local.mark()
+    def on_wire(self, tokens: int) -> tuple[float, float]:
+        return self.local.on_wire(tokens, self._clock.now())
 
     async def observe(self, headers: Mapping[str, str] | None, sent_at: float, mark: tuple[float, float]) -> None:
         self.local.clock_observe(headers, sent_at, mark, self._clock.now())
@@ -356,8 +399,8 @@ class ClockedLimiter:
     async def refund(self, tokens: int) -> None:
         self.local.clock_refund(tokens, self._clock.now())
 
-    async def rate_limited(self, kind: str | None) -> None:
-        self.local.clock_rate_limited(kind, self._clock.now())
+    async def rate_limited(self, kind: str | None, tokens: int) -> None:
+        self.local.clock_rate_limited(kind, tokens, self._clock.now())
 
     def snapshot(self) -> Limits | None:
         return self.local.snapshot()

@@ -187,7 +187,9 @@ class Pool:
         queue_size: jobs queued before ``submit`` waits (backpressure).
         sink: receives every result (e.g. :class:`~scheduler.JsonlSink`).
         default_max_tokens: output reservation charged for requests without an output cap.
-        transport, limiter, clock, rng: seams for tests and for shared (Redis) limits.
+        redis: a Redis URL: the RPM/TPM buckets live there, shared by every pool that uses the same API key,
+            base URL and model (requires ``limits``).
+        transport, limiter, clock, rng: seams for tests and for other limiter backends.
     """
 
     def __init__(
@@ -203,6 +205,7 @@ class Pool:
         queue_size: int = 1024,
         sink: Sink | None = None,
         default_max_tokens: int = 1024,
+        redis: str | None = None,
         transport: Transport | None = None,
         limiter: Limiter | None = None,
         clock: Clock | None = None,
@@ -212,6 +215,8 @@ class Pool:
             raise errors.ConfigurationError(f"workers must be at least 1, got {workers}")
         if max_attempts < 1:
             raise errors.ConfigurationError(f"max_attempts must be at least 1, got {max_attempts}")
+        if redis is not None and limits is None:
+            raise errors.ConfigurationError("shared limits need explicit limits=Limits(rpm=..., tpm=...)")
         if transport is None:
             if client is None:
                 from openai import AsyncOpenAI
@@ -219,6 +224,8 @@ class Pool:
                 client = AsyncOpenAI()
             register_secret(getattr(client, "api_key", None))
             transport = OpenAITransport(client)
+        self._redis_url = redis
+        self._limit_scope = _limit_scope(client, model)
         self.model = model
         self.workers = workers
         self.max_attempts = max_attempts
@@ -250,6 +257,14 @@ class Pool:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Pool:
+        if self.model is not None:
+            # Loading an encoding takes a few hundred milliseconds: not on the event loop, not at the first submit.
+            await anyio.to_thread.run_sync(TokenEstimator.preload, self.model)
+        if self._limiter is None and self._redis_url is not None:
+            from .redis_limiter import RedisLimiter
+
+            assert self._limits is not None
+            self._limiter = await RedisLimiter.connect(self._redis_url, self._limits, scope=self._limit_scope)
         if self._limiter is None:
             self._limiter = ClockedLimiter(self._limits, self._clock)
         self._slots = asyncio.Semaphore(self.workers)
@@ -554,7 +569,7 @@ class Pool:
         limiter, clock, slots = self._limiter, self._clock, self._slots
         assert limiter is not None and slots is not None
         sent_at = clock.now()
-        mark = limiter.mark()
+        mark = limiter.on_wire(job.charged)
         self._attempts += 1
         response: Response | None = None
         failure: TransportFailure | None = None
@@ -571,7 +586,10 @@ class Pool:
         finally:
             self._in_flight -= 1
             slots.release()
-        await limiter.observe(response.headers if response is not None else None, sent_at, mark)
+        refused = response is not None and response.status == 429
+        # A 429 was not charged by the server: rate_limited() below handles it, and its headers must not
+        # count in the calibration as if it had been.
+        await limiter.observe(None if response is None or refused else response.headers, sent_at, mark)
         if response is None:
             assert failure is not None
             await self._retry_or_fail(job, None, None, f"no response: {failure}", streamed)
@@ -585,13 +603,14 @@ class Pool:
             if delay is None:
                 delay = self.backoff.delay(job.attempts, self._rng)
             self._pause(delay)
-            await limiter.rate_limited(_limit_kind(response.body))
+            await limiter.rate_limited(_limit_kind(response.body), job.charged)
             await self._retry_or_fail(job, response, 0.0, "rate limited (429)", streamed)
         elif outcome is Outcome.RETRY:
             await self._retry_or_fail(job, response, retry_after_s(response.headers), _describe(response), streamed)
         elif outcome is Outcome.JOB_FATAL:
             await self._fail(job, errors.RequestRejected, _describe(response), response)
         elif outcome is Outcome.QUOTA:
+            await limiter.rate_limited(None, job.charged)
             message = f"the API reports the quota exhausted ({error_code(response.body)}): check plan and billing"
             self._stop(errors.QuotaExhausted(message))
             await self._fail(job, errors.QuotaExhausted, message, response)
@@ -799,6 +818,15 @@ class PoolStream:
             if result.error is not None:
                 raise _ERROR_CLASSES.get(result.error.code, errors.JobError)(result.error.message, result) from None
             raise StopAsyncIteration from None
+
+
+def _limit_scope(client: Any, model: str | None) -> str:
+    """What one shared budget is: base URL, a fingerprint of the key (never the key itself), and model."""
+    import hashlib
+
+    key = str(getattr(client, "api_key", "") or "")
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return f"{getattr(client, 'base_url', '')}|{fingerprint}|{model or ''}"
 
 
 def _infer_endpoint(body: Mapping[str, Any]) -> str:

@@ -30,7 +30,7 @@ def test_oversized_cost_waits_for_a_full_bucket_then_leaves_debt() -> None:
 
 
 def test_limiter_admits_both_buckets_or_neither() -> None:
-    limiter = LocalLimiter(Limits(rpm=60, tpm=600), now=0.0)
+    limiter = LocalLimiter(Limits(rpm=60, tpm=1200), now=0.0)  # the token bucket starts half full: 10 of 20
     assert limiter.clock_acquire(8, 0.0) == 0.0
     # The request bucket is empty: nothing is charged, tokens included.
     assert limiter.clock_acquire(1, 0.0) == pytest.approx(1.0)
@@ -41,8 +41,8 @@ def test_limiter_admits_both_buckets_or_neither() -> None:
 def test_header_sync_lowers_the_bucket_to_what_the_server_has_left() -> None:
     limiter = LocalLimiter(Limits(rpm=6000, tpm=600_000), now=0.0)  # 100 req/s, 10,000 tok/s
     assert limiter.clock_acquire(100, 0.0) == 0.0
-    mark = limiter.mark()
-    assert limiter.clock_acquire(100, 0.0) == 0.0  # sent after the first, before its answer
+    mark = limiter.on_wire(100, 0.0)
+    assert limiter.clock_acquire(100, 0.0) == 0.0  # admitted after the first, before its answer
     headers = {
         "x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "20",
         "x-ratelimit-limit-tokens": "600000", "x-ratelimit-remaining-tokens": "1000",
@@ -57,7 +57,7 @@ def test_header_sync_lowers_the_bucket_to_what_the_server_has_left() -> None:
 def test_header_sync_never_raises_the_bucket_or_trusts_more_than_configured() -> None:
     limiter = LocalLimiter(Limits(rpm=6000), now=0.0)
     limiter.clock_acquire(1, 0.0)
-    mark = limiter.mark()
+    mark = limiter.on_wire(1, 0.0)
     for _ in range(50):
         limiter.clock_acquire(1, 0.0)
     assert limiter.requests is not None
@@ -71,7 +71,7 @@ def test_header_sync_never_raises_the_bucket_or_trusts_more_than_configured() ->
 def test_a_lower_server_limit_replaces_the_configured_one() -> None:
     limiter = LocalLimiter(Limits(rpm=6000), now=0.0)
     limiter.clock_observe({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "600"},
-                          sent_at=0.0, mark=limiter.mark(), now=0.0)
+                          sent_at=0.0, mark=(0, 0), now=0.0)
     assert limiter.requests is not None and limiter.requests.per_minute == 600
     assert limiter.requests.capacity == 10
 
@@ -100,17 +100,42 @@ def test_calibration_learns_how_much_more_the_server_counts() -> None:
         server_level -= 50 * 1.5
         limiter.clock_observe({"x-ratelimit-limit-tokens": str(limit),
                                "x-ratelimit-remaining-tokens": str(int(server_level))},
-                              sent_at=t, mark=limiter.mark(), now=t)
+                              sent_at=t, mark=limiter.on_wire(charge, t), now=t)
     assert limiter.ratio == pytest.approx(1.5, rel=0.02)
 
 
 def test_a_429_empties_the_named_bucket_and_halves_the_burst() -> None:
     limiter = LocalLimiter(Limits(rpm=6000, tpm=600_000), now=0.0)
-    limiter.clock_rate_limited("tokens", now=0.0)
+    limiter.clock_rate_limited("tokens", 0, now=0.0)
     assert limiter.tokens is not None and limiter.requests is not None
     assert limiter.tokens.level == 0
     assert limiter.tokens.capacity == pytest.approx(5000)
     assert limiter.requests.level == pytest.approx(50)  # not emptied, but capped by the halved burst
+
+
+def test_a_429_is_taken_out_of_the_cumulative_charge() -> None:
+    limiter = LocalLimiter(Limits(rpm=6000, tpm=600_000), now=0.0)
+    limiter.clock_acquire(300, 0.0)
+    limiter.on_wire(300, 0.0)
+    limiter.clock_acquire(200, 0.0)
+    limiter.on_wire(200, 0.0)
+    limiter.clock_rate_limited(None, 200, now=0.0)
+    assert limiter.mark() == (1, 300)
+    assert limiter.on_wire(10, 0.0) == (2, 310)
+
+
+def test_marks_count_what_went_on_the_wire_not_what_was_admitted() -> None:
+    """A burst is admitted at once but leaves one by one: the first answer reflects only what had arrived."""
+    limiter = LocalLimiter(Limits(rpm=6000, tpm=600_000, safety=0.0), now=0.0)
+    for _ in range(10):
+        limiter.clock_acquire(100, 0.0)
+    mark = limiter.on_wire(100, 0.0)
+    assert mark == (1, 100)
+    headers = {"x-ratelimit-limit-tokens": "600000", "x-ratelimit-remaining-tokens": "600"}
+    limiter.clock_observe(headers, sent_at=0.0, mark=mark, now=0.0)
+    assert limiter.tokens is not None
+    # The nine admitted after it are still to reach the server: 600 - 900.
+    assert limiter.tokens.level == pytest.approx(-300)  # not emptied, but capped by the halved burst
 
 
 def test_parse_limit_headers_ignores_garbage() -> None:

@@ -40,8 +40,9 @@ async def test_paces_to_the_tpm_with_the_estimate() -> None:
         cost = pool.estimator.estimate("/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 40,
                                                                  "messages": [{"role": "user", "content": "q"}]})
         await asyncio.gather(*(pool.submit("q", max_tokens=40) for _ in range(5)))
-    # 100 tokens/s holding 100: as many at once as fit, then one per cost/100 seconds.
-    at_once = 100 // cost
+    # 100 tokens/s holding 100, half full at the start (cautious until calibrated): as many at once as fit
+    # in 50, then one per cost/100 seconds.
+    at_once = 50 // cost
     assert transport.sent_at[:at_once] == [0.0] * at_once
     gaps = [b - a for a, b in zip(transport.sent_at[at_once:], transport.sent_at[at_once + 1:], strict=False)]
     assert gaps == pytest.approx([cost / 100] * len(gaps))
@@ -189,7 +190,8 @@ async def test_refund_option_gives_unused_output_back() -> None:
     async with clock.autojump(), make_pool(transport, clock, limiter=limiter) as pool:
         result = await pool.submit("hello", max_tokens=300)
     assert limiter.local.tokens is not None
-    assert limiter.local.tokens.level == pytest.approx(1000 - 15)  # charged the estimate, kept only usage
+    # Started half full, charged the estimate, kept only the usage.
+    assert limiter.local.tokens.level == pytest.approx(500 - 15)
     assert result.usage == scheduler.Usage(10, 5)
 
 
@@ -200,7 +202,7 @@ async def test_without_refund_openai_keeps_the_reservation() -> None:
     async with clock.autojump(), make_pool(transport, clock, limiter=limiter) as pool:
         await pool.submit("hello", max_tokens=300)
         estimate = pool.estimator.estimate("/v1/chat/completions", transport.calls[0][1])
-    assert limiter.local.tokens is not None and limiter.local.tokens.level == pytest.approx(1000 - estimate)
+    assert limiter.local.tokens is not None and limiter.local.tokens.level == pytest.approx(500 - estimate)
 
 
 async def test_header_sync_slows_dispatch_when_the_server_has_less_left() -> None:
