@@ -363,13 +363,13 @@ class LocalLimiter:
         self._sent_requests -= 1
         self._sent_tokens -= tokens
         if self.limits is None:
+            self._probe_in_flight = False  # the probe got no limits: the next request probes again
             return
         self._burst_factor = max(0.25, self._burst_factor * 0.5)
         self._apply_burst(now)
         for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
-            if bucket is not None:
-                if kind in (None, name):
-                    bucket.lower_to(0.0, now)
+            if bucket is not None and kind in (None, name):
+                bucket.lower_to(0.0, now)
 
     def snapshot(self) -> Limits | None:
         return self.limits

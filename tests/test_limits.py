@@ -86,6 +86,14 @@ def test_limits_are_learned_from_the_first_response() -> None:
     assert limiter.clock_acquire(10, 0.2) == 0.0
 
 
+def test_a_429_on_the_probe_lets_the_next_request_probe() -> None:
+    limiter = LocalLimiter(None, now=0.0)
+    assert limiter.clock_acquire(10, 0.0) == 0.0
+    limiter.on_wire(10, 0.0)
+    limiter.clock_rate_limited(None, 10, now=0.0)
+    assert limiter.clock_acquire(10, 0.0) == 0.0
+
+
 def test_calibration_learns_how_much_more_the_server_counts() -> None:
     """The server counts 1.5 tokens for each of ours: the ratio converges there."""
     limit = 60_000.0  # 1,000 tokens/s
