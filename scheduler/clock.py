@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
-
-import anyio
 
 __all__ = ["Clock", "LoopClock"]
 
@@ -18,12 +17,16 @@ class Clock(Protocol):
 
 
 class LoopClock:
-    """The event loop's clock: the one every timer of the loop already uses."""
+    """The event loop's clock: the one every timer of the loop already uses.
+
+    The pool runs on asyncio (the openai SDK's aiohttp transport needs it), so this asks asyncio directly:
+    ``anyio.current_time()`` detects the backend on every call, which costs more than the rest of an admission.
+    """
 
     __slots__ = ()
 
     def now(self) -> float:
-        return anyio.current_time()
+        return asyncio.get_running_loop().time()
 
     async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
+        await asyncio.sleep(seconds)

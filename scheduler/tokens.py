@@ -91,7 +91,19 @@ class TokenEstimator:
         return count(text) if count is not None else _heuristic(text)
 
     def prompt_chars(self, endpoint: str, body: Mapping[str, Any]) -> int:
-        """The size of the prompt in characters: decides whether estimating is worth a thread."""
+        """The size of the prompt in characters: decides whether estimating is worth a thread.
+
+        Chat messages with string contents, the common case, are summed without walking the body."""
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            total = 0
+            for message in messages:
+                content = message.get("content") if isinstance(message, Mapping) else None
+                if not isinstance(content, str):
+                    break
+                total += len(content)
+            else:
+                return total
         return sum(len(text) for text in _texts(endpoint, body))
 
     def estimate(self, endpoint: str, body: Mapping[str, Any]) -> int:
