@@ -10,20 +10,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import math
+import os
 import random
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import errors
+from .cache import CacheBackend, CachedResponse, MemoryCache, cache_key, is_deterministic, open_cache
 from .clock import Clock, LoopClock
+from .cost import ModelPrice, PriceTable, output_reservation
 from .limits import ClockedLimiter, Limiter, Limits
 from .logs import redact, register_secret
 from .queue import JobQueue
@@ -36,7 +42,7 @@ from .transport import OpenAITransport, Response, Transport, TransportFailure
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
-__all__ = ["Pool", "PoolStatistics", "PoolStream", "Request"]
+__all__ = ["Fallback", "Pool", "PoolStatistics", "PoolStream", "Request"]
 
 log = structlog.get_logger("scheduler")
 
@@ -70,6 +76,23 @@ class Request:
     priority: int = 0
     #: seconds from submission until the job fails with DeadlineExceeded
     timeout_s: float | None = None
+    #: use the response cache: True always, False never, None when deterministic (temperature 0, embeddings)
+    cacheable: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """A model to try when the one before it is unavailable (404) or keeps failing (retries exhausted).
+
+    Each fallback has its own rate-limit buckets. ``client`` points it at another endpoint (default: the
+    pool's); ``limits`` are its limits (default: learned from its first response's headers).
+    """
+
+    model: str
+    client: AsyncOpenAI | None = None
+    limits: Limits | None = None
+    #: a seam for tests, like Pool(transport=...)
+    transport: Transport | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +122,28 @@ class PoolStatistics:
     token_ratio: float
     #: results whose output hit the cap (finish_reason "length")
     truncated: int
+    #: US dollars spent, from usage and the price table (models without a price count nothing)
     cost_usd: float
     #: why admission stopped, if it did
     stopped: str | None
+    budget_usd: float | None = None
+    #: worst-case cost held for jobs in flight, under a budget
+    reserved_usd: float = 0.0
+    #: answers served from the response cache, or shared with an identical request in flight
+    cache_hits: int = 0
+    #: cacheable requests that went to the API
+    cache_misses: int = 0
+    #: what the cache hits would have cost
+    cache_saved_usd: float = 0.0
+    #: times a job moved on to a fallback model
+    fallbacks: int = 0
 
 
 class _Job:
     __slots__ = (
         "attempts",
         "body",
+        "cache_key",
         "cancelled",
         "charged",
         "custom_id",
@@ -115,8 +151,11 @@ class _Job:
         "deliver",
         "endpoint",
         "estimate",
+        "followers",
         "future",
         "priority",
+        "reserved",
+        "route",
         "sequence",
         "stream_to",
         "submitted_at",
@@ -143,6 +182,14 @@ class _Job:
         self.deliver: _MapCollector | None = None
         #: text deltas of a streamed job
         self.stream_to: anyio.abc.ObjectSendStream[str] | None = None
+        #: 0: the primary model; n: the n-th fallback
+        self.route = 0
+        #: worst-case cost held against the budget while in flight
+        self.reserved = 0.0
+        #: response-cache key (cacheable jobs of a pool with a cache)
+        self.cache_key: str | None = None
+        #: identical jobs waiting for this one's answer (single flight)
+        self.followers: list[_Job] | None = None
 
 
 class _RateMeter:
@@ -189,6 +236,17 @@ class Pool:
         default_max_tokens: output reservation charged for requests without an output cap.
         redis: a Redis URL: the RPM/TPM buckets live there, shared by every pool that uses the same API key,
             base URL and model (requires ``limits``).
+        prices: model prices added to (or replacing) the built-in list prices: a mapping of model name to
+            :class:`~scheduler.cost.ModelPrice` or ``{"input", "cached_input", "output"}`` (USD per 1M tokens),
+            or the path of a JSON file of them. Costs land in ``Result.cost_usd`` and ``statistics().cost_usd``.
+        budget_usd: stop admitting before spending could pass this many US dollars: each job in flight holds
+            its worst-case cost (prompt estimate at the input price, output reservation at the output price)
+            until its real cost is known; when the next job cannot fit even with nothing in flight, it and every
+            later job fail with BudgetExhausted. Every model used must have a price.
+        cache: the response cache for deterministic requests: a :class:`~scheduler.cache.CacheBackend`, ``True``
+            for an in-memory LRU, or a path (SQLite) or ``redis://`` URL that the pool opens and closes.
+        fallbacks: models (or :class:`Fallback` s with their own client and limits) tried in order when a job's
+            model is unavailable (404) or its retries run out.
         transport, limiter, clock, rng: seams for tests and for other limiter backends.
     """
 
@@ -206,6 +264,10 @@ class Pool:
         sink: Sink | None = None,
         default_max_tokens: int = 1024,
         redis: str | None = None,
+        prices: str | os.PathLike[str] | Mapping[str, ModelPrice | Mapping[str, float]] | PriceTable | None = None,
+        budget_usd: float | None = None,
+        cache: CacheBackend | str | os.PathLike[str] | bool | None = None,
+        fallbacks: Sequence[str | Fallback] = (),
         transport: Transport | None = None,
         limiter: Limiter | None = None,
         clock: Clock | None = None,
@@ -217,6 +279,8 @@ class Pool:
             raise errors.ConfigurationError(f"max_attempts must be at least 1, got {max_attempts}")
         if redis is not None and limits is None:
             raise errors.ConfigurationError("shared limits need explicit limits=Limits(rpm=..., tpm=...)")
+        if budget_usd is not None and not budget_usd >= 0:
+            raise errors.ConfigurationError(f"budget_usd must be a number of dollars >= 0, got {budget_usd!r}")
         if transport is None:
             if client is None:
                 from openai import AsyncOpenAI
@@ -224,6 +288,36 @@ class Pool:
                 client = AsyncOpenAI()
             register_secret(getattr(client, "api_key", None))
             transport = OpenAITransport(client)
+        self._client = client
+        self.prices = PriceTable.load(prices)
+        self._budget = float(budget_usd) if budget_usd is not None else None
+        self._fallbacks = tuple(f if isinstance(f, Fallback) else Fallback(model=f) for f in fallbacks)
+        if self._budget is not None:
+            for name in (model, *(f.model for f in self._fallbacks)):
+                if name is not None and self.prices.price(name) is None:
+                    raise errors.ConfigurationError(f"a budget needs a price for every model: none for {name!r}")
+        self._fallback_transports: list[Transport] = []
+        for fallback in self._fallbacks:
+            if fallback.client is not None:
+                register_secret(getattr(fallback.client, "api_key", None))
+            self._fallback_transports.append(
+                fallback.transport
+                or (OpenAITransport(fallback.client) if fallback.client is not None else transport)
+            )
+        self._fallback_routes: list[tuple[Transport, Limiter]] = []
+        self._cache: CacheBackend | None
+        if cache is True:
+            self._cache, self._owns_cache = MemoryCache(), True
+        elif isinstance(cache, str | os.PathLike):
+            self._cache, self._owns_cache = open_cache(cache), True
+        else:
+            # Not "cache or None": an empty cache may well be falsy (it has a length).
+            self._cache, self._owns_cache = (None if cache is None or cache is False else cache), False
+        # Answers differ between providers serving the same model name: the base URL is part of the key.
+        self._cache_scope = str(getattr(client, "base_url", "") or "")
+        self._flights: dict[str, _Job] = {}
+        self._cache_failed = False
+        self._observers: list[Callable[[Result], None]] = []
         self._redis_url = redis
         self._limit_scope = _limit_scope(client, model)
         self.model = model
@@ -253,6 +347,11 @@ class Pool:
         self._attempts = self._in_flight = self._prompt_tokens = self._completion_tokens = 0
         self._charged_tokens = self._truncated = 0
         self._cost_usd = 0.0
+        self._reserved_usd = 0.0
+        self._reserved_jobs = 0
+        self._budget_freed: asyncio.Event | None = None
+        self._cache_hits = self._cache_misses = self._fallbacks_used = 0
+        self._cache_saved_usd = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -267,6 +366,16 @@ class Pool:
             self._limiter = await RedisLimiter.connect(self._redis_url, self._limits, scope=self._limit_scope)
         if self._limiter is None:
             self._limiter = ClockedLimiter(self._limits, self._clock)
+        self._fallback_routes = []
+        for fallback, transport in zip(self._fallbacks, self._fallback_transports, strict=True):
+            limiter: Limiter = ClockedLimiter(fallback.limits, self._clock)
+            if self._redis_url is not None and fallback.limits is not None:
+                from .redis_limiter import RedisLimiter
+
+                scope = _limit_scope(fallback.client or self._client, fallback.model)
+                limiter = await RedisLimiter.connect(self._redis_url, fallback.limits, scope=scope)
+            self._fallback_routes.append((transport, limiter))
+        self._budget_freed = asyncio.Event()
         self._slots = asyncio.Semaphore(self.workers)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -288,6 +397,8 @@ class Pool:
             self._task_group = None
             if self.sink is not None:
                 await self.sink.aclose()
+            if self._owns_cache and self._cache is not None:
+                await self._cache.aclose()
         return None
 
     # ------------------------------------------------------------------ submitting
@@ -301,6 +412,7 @@ class Pool:
         custom_id: str | None = None,
         timeout_s: float | None = None,
         raise_errors: bool = True,
+        cache: bool | None = None,
         **body: Any,
     ) -> Result:
         """Run one request and return its :class:`Result`.
@@ -312,6 +424,8 @@ class Pool:
             custom_id: your id for the request (default: a sequence number).
             timeout_s: fail with DeadlineExceeded if not done within this many seconds.
             raise_errors: raise the job's error (default) or return the error Result.
+            cache: use the pool's response cache: True always, False never, None (default) when the request is
+                deterministic (``temperature=0``, embeddings).
             **body: request body fields, e.g. ``max_tokens=200, temperature=0``.
 
         Raises:
@@ -320,7 +434,7 @@ class Pool:
             ConfigurationError: the request cannot be built.
         """
         endpoint, full_body = self._build_body(request, endpoint, body)
-        job = await self._new_job(endpoint, full_body, custom_id, priority, timeout_s)
+        job = await self._new_job(endpoint, full_body, custom_id, priority, timeout_s, cache)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         job.future = future
         await self._enqueue(job)
@@ -354,6 +468,11 @@ class Pool:
         options["include_usage"] = True
         full_body = {**full_body, "stream": True, "stream_options": options}
         return PoolStream(self, endpoint, full_body, custom_id, priority, timeout_s)
+
+    def add_observer(self, observer: Callable[[Result], None]) -> None:
+        """Call ``observer(result)`` for every result, as it is delivered (metrics use it). It must be quick,
+        and what it raises is logged and ignored."""
+        self._observers.append(observer)
 
     async def map(
         self, requests: Iterable[Request | str | Mapping[str, Any]] | AsyncIterable[Request | str | Mapping[str, Any]],
@@ -396,7 +515,7 @@ class Pool:
     async def _feed_one(self, item: Request | str | Mapping[str, Any], collector: _MapCollector) -> None:
         if isinstance(item, Request):
             endpoint, body = self._build_body(item.body, item.endpoint, {})
-            job = await self._new_job(endpoint, body, item.custom_id, item.priority, item.timeout_s)
+            job = await self._new_job(endpoint, body, item.custom_id, item.priority, item.timeout_s, item.cacheable)
         else:
             endpoint, body = self._build_body(item, None, {})
             job = await self._new_job(endpoint, body, None, 0, None)
@@ -433,6 +552,12 @@ class Pool:
             truncated=self._truncated,
             cost_usd=self._cost_usd,
             stopped=str(self._stopped) if self._stopped is not None else None,
+            budget_usd=self._budget,
+            reserved_usd=self._reserved_usd,
+            cache_hits=self._cache_hits,
+            cache_misses=self._cache_misses,
+            cache_saved_usd=self._cache_saved_usd,
+            fallbacks=self._fallbacks_used,
         )
 
     def stop(self, reason: str = "stopped by the caller") -> None:
@@ -466,6 +591,7 @@ class Pool:
 
     async def _new_job(
         self, endpoint: str, body: dict[str, Any], custom_id: str | None, priority: int, timeout_s: float | None,
+        cacheable: bool | None = None,
     ) -> _Job:
         if self._task_group is None or self._closing:
             raise errors.PoolClosed("the pool is not running: use it inside 'async with Pool(...)'")
@@ -477,16 +603,22 @@ class Pool:
         sequence = next(self._sequence)
         now = self._clock.now()
         deadline = now + timeout_s if timeout_s is not None else None
-        return _Job(
+        job = _Job(
             endpoint, body, custom_id if custom_id is not None else f"request-{sequence}",
             priority, sequence, estimate, now, deadline,
         )
+        if self._cache is not None and cacheable is not False and (cacheable or is_deterministic(endpoint, body)):
+            job.cache_key = cache_key(self._cache_scope, endpoint, body)
+        return job
 
     async def _enqueue(self, job: _Job) -> None:
         self._submitted += 1
         self._outstanding += 1
         assert self._idle is not None
         self._idle.clear()
+        # A cached answer costs nothing and touches no limit: served even after the run stopped.
+        if job.cache_key is not None and await self._answer_from_cache(job):
+            return
         limits = self._limiter.snapshot() if self._limiter is not None else None
         if self._stopped is not None:
             await self._fail(job, type(self._stopped), str(self._stopped))
@@ -495,14 +627,121 @@ class Pool:
                 job, errors.RequestTooLarge,
                 f"the request needs about {job.estimate} tokens, more than the whole limit of {limits.tpm} TPM",
             )
+        elif self._budget is not None and self.prices.price(_str_or_none(job.body.get("model")) or "") is None:
+            # Not a stop: this job cannot be accounted for; a rerun with its price (prices=) runs it.
+            await self._fail(
+                job, errors.BudgetExhausted,
+                f"no price is known for model {job.body.get('model')!r}: under a budget every model needs one",
+            )
         else:
             try:
                 await self._queue.put(job)
             except BaseException:
                 # Cancelled while waiting for room: the job never entered the queue.
+                self._abandon_flight(job)
                 self._submitted -= 1
                 self._settle()
                 raise
+
+    # ------------------------------------------------------------------ response cache
+
+    async def _answer_from_cache(self, job: _Job) -> bool:
+        """Serve ``job`` from the cache or from an identical job in flight; False: it must be run."""
+        key, cache = job.cache_key, self._cache
+        assert key is not None and cache is not None
+        leader = self._flights.get(key)
+        if leader is not None:
+            # Single flight: one call answers every identical request made while it runs.
+            if leader.followers is None:
+                leader.followers = []
+            leader.followers.append(job)
+            return True
+        self._flights[key] = job  # from now on, identical jobs follow this one, even during the lookup
+        try:
+            raw = await cache.get(key)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled: the job never entered the pool
+                self._abandon_flight(job)
+                self._submitted -= 1
+                self._settle()
+                raise
+            self._cache_error("get", exc)
+            raw = None
+        entry = CachedResponse.loads(raw) if raw is not None else None
+        if entry is None:
+            self._cache_misses += 1
+            return False
+        result = Result(
+            custom_id=job.custom_id, endpoint=job.endpoint, status=200, body=entry.body,
+            request_id=entry.request_id, usage=Usage.from_body(entry.body), attempts=0,
+            latency_s=self._clock.now() - job.submitted_at, model=entry.model, cost_usd=0.0, cached=True,
+        )
+        self._count_hit(result, entry.cost_usd)
+        await self._finish(job, result)
+        await self._land(job, result, entry.cost_usd)
+        return True
+
+    def _count_hit(self, result: Result, saved_usd: float | None) -> None:
+        self._cache_hits += 1
+        self._cache_saved_usd += saved_usd or 0.0
+        self._succeeded += 1
+        if result.truncated:
+            self._truncated += 1
+
+    async def _store(self, job: _Job, result: Result) -> None:
+        assert job.cache_key is not None and self._cache is not None
+        entry = CachedResponse(result.body, result.model, result.request_id, result.cost_usd)
+        try:
+            await self._cache.set(job.cache_key, entry.dumps())
+        except Exception as exc:
+            self._cache_error("set", exc)
+
+    def _cache_error(self, operation: str, exc: Exception) -> None:
+        # A cache is an optimisation: when it fails, requests go to the API. Said once, not per request.
+        if not self._cache_failed:
+            self._cache_failed = True
+            log.warning("cache_unavailable", operation=operation, error=redact(f"{type(exc).__name__}: {exc}")[:300])
+
+    async def _land(self, job: _Job, result: Result, saved_usd: float | None) -> None:
+        """Hand ``job``'s answer to the identical jobs that waited for it, and close its flight."""
+        key = job.cache_key
+        if key is None or self._flights.get(key) is not job:
+            return
+        del self._flights[key]
+        for follower in job.followers or ():
+            if follower.cancelled:
+                self._settle()
+                continue
+            shared = dataclasses.replace(
+                result, custom_id=follower.custom_id, attempts=0,
+                latency_s=self._clock.now() - follower.submitted_at,
+                cost_usd=0.0 if result.ok else None, cached=result.ok,
+            )
+            if shared.ok:
+                self._count_hit(shared, saved_usd)
+            else:
+                self._failed += 1
+            await self._finish(follower, shared)
+        job.followers = None
+
+    def _abandon_flight(self, job: _Job) -> None:
+        """``job`` will not run: the first identical job still wanted runs in its place."""
+        key = job.cache_key
+        if key is None or self._flights.get(key) is not job:
+            return
+        del self._flights[key]
+        waiting = []
+        for follower in job.followers or ():
+            if follower.cancelled:
+                self._settle()
+            else:
+                waiting.append(follower)
+        job.followers = None
+        if waiting:
+            successor = waiting[0]
+            successor.followers = waiting[1:] or None
+            self._flights[key] = successor
+            self._queue.requeue(successor)
 
     # ------------------------------------------------------------------ dispatching
 
@@ -519,9 +758,8 @@ class Pool:
             if not queue:
                 await queue.wait_nonempty()
             await slots.acquire()
-            job: _Job | None = queue.pop()
             try:
-                job = await self._admit(job)
+                job = await self._admit(queue.pop())
             except BaseException:
                 slots.release()
                 raise
@@ -532,9 +770,9 @@ class Pool:
             tg.start_soon(self._run, job)
 
     async def _admit(self, job: _Job) -> _Job | None:
-        """Wait until ``job`` (or a job that overtook it in priority meanwhile) fits the limits; charge it."""
-        clock, limiter, queue = self._clock, self._limiter, self._queue
-        assert limiter is not None
+        """Wait until ``job`` (or a job that overtook it in priority meanwhile) fits the limits and the budget;
+        charge it."""
+        clock, queue = self._clock, self._queue
         while True:
             if job.cancelled:
                 await self._drop_cancelled(job)
@@ -546,15 +784,24 @@ class Pool:
             if job.deadline is not None and now >= job.deadline:
                 await self._fail(job, errors.DeadlineExceeded, "the deadline passed while the job waited")
                 return None
+            reserve = 0.0
             if self._pause_until > now:
                 await clock.sleep(self._pause_until - now)
+            elif self._budget is not None and (reserve := await self._budget_room(job)) < 0:
+                pass  # waited for jobs in flight to settle their cost, or stopped the run: look again
             else:
+                limiter = self._limiter if not job.route else self._fallback_routes[job.route - 1][1]
+                assert limiter is not None
                 job.charged = limiter.scale(job.estimate)
                 wait = await limiter.acquire(job.charged)
                 if wait == 0.0:
                     job.attempts += 1
                     self._charged_tokens += job.charged
                     self._meter.add(now, job.charged)
+                    if reserve:
+                        job.reserved = reserve
+                        self._reserved_usd += reserve
+                        self._reserved_jobs += 1
                     return job
                 await clock.sleep(wait)
             head = queue.head()
@@ -562,11 +809,44 @@ class Pool:
                 queue.requeue(job)
                 job = queue.pop()
 
+    async def _budget_room(self, job: _Job) -> float:
+        """The worst-case cost of ``job`` if it fits the budget now; -1.0 after waiting for jobs in flight to
+        settle (they usually cost far less than their reservation), or after stopping the run when it cannot
+        fit even with nothing in flight."""
+        assert self._budget is not None and self._budget_freed is not None
+        price = self.prices.price(_str_or_none(job.body.get("model")) or "")
+        assert price is not None  # checked at submit, and for fallbacks at construction
+        output = output_reservation(job.endpoint, job.body, self.estimator.default_output_tokens)
+        worst = price.worst_case(max(0, job.estimate - output), output)
+        # A hair of tolerance: sums of float dollars must not stop a run that fits exactly.
+        if self._cost_usd + self._reserved_usd + worst <= self._budget + 1e-9:
+            return worst
+        if self._reserved_jobs:
+            self._budget_freed.clear()
+            await self._budget_freed.wait()
+        else:
+            self._stop(errors.BudgetExhausted(
+                f"the budget of ${self._budget:g} is spent: ${self._cost_usd:.6f} used, and the next job may cost "
+                f"up to ${worst:.6f}"
+            ))
+        return -1.0
+
+    def _release(self, job: _Job) -> None:
+        """Give back a job's budget reservation: its attempt is over (its real cost, if any, is counted)."""
+        assert self._budget_freed is not None
+        self._reserved_jobs -= 1
+        # Summing and subtracting floats drifts: with nothing in flight, nothing is reserved, exactly.
+        self._reserved_usd = self._reserved_usd - job.reserved if self._reserved_jobs else 0.0
+        job.reserved = 0.0
+        self._budget_freed.set()
+
     # ------------------------------------------------------------------ running a job
 
     async def _run(self, job: _Job) -> None:
         """One attempt of an admitted job, then its result or its retry."""
-        limiter, clock, slots = self._limiter, self._clock, self._slots
+        clock, slots, transport, limiter = self._clock, self._slots, self._transport, self._limiter
+        if job.route:
+            transport, limiter = self._fallback_routes[job.route - 1]
         assert limiter is not None and slots is not None
         sent_at = clock.now()
         mark = limiter.on_wire(job.charged)
@@ -577,9 +857,9 @@ class Pool:
         try:
             try:
                 if job.stream_to is not None:
-                    response, streamed = await self._stream_attempt(job)
+                    response, streamed = await self._stream_attempt(job, transport)
                 else:
-                    response = await self._transport.send(job.endpoint, job.body, timeout=self._timeout(job))
+                    response = await transport.send(job.endpoint, job.body, timeout=self._timeout(job))
             except TransportFailure as exc:
                 failure = exc
                 streamed = isinstance(exc, _StreamCut) and exc.delivered
@@ -596,7 +876,7 @@ class Pool:
             return
         outcome = classify(response.status, response.headers, response.body)
         if outcome is Outcome.SUCCESS:
-            await self._succeed(job, response)
+            await self._succeed(job, response, limiter)
         elif outcome is Outcome.RATE_LIMITED:
             self._rate_limited += 1
             delay = retry_after_s(response.headers)
@@ -608,7 +888,9 @@ class Pool:
         elif outcome is Outcome.RETRY:
             await self._retry_or_fail(job, response, retry_after_s(response.headers), _describe(response), streamed)
         elif outcome is Outcome.JOB_FATAL:
-            await self._fail(job, errors.RequestRejected, _describe(response), response)
+            # A 404 is an unknown model (or a wrong endpoint): the next fallback may serve it.
+            if response.status != 404 or not self._fall_back(job, _describe(response)):
+                await self._fail(job, errors.RequestRejected, _describe(response), response)
         elif outcome is Outcome.QUOTA:
             await limiter.rate_limited(None, job.charged)
             message = f"the API reports the quota exhausted ({error_code(response.body)}): check plan and billing"
@@ -619,11 +901,11 @@ class Pool:
             self._stop(errors.AuthenticationFailed(message))
             await self._fail(job, errors.AuthenticationFailed, message, response)
 
-    async def _stream_attempt(self, job: _Job) -> tuple[Response, bool]:
+    async def _stream_attempt(self, job: _Job, transport: Transport) -> tuple[Response, bool]:
         """Relay a streamed answer's deltas; returns the assembled body as a Response."""
         assert job.stream_to is not None
         delivered = False
-        async with self._transport.stream(job.endpoint, job.body, timeout=self._timeout(job)) as answer:
+        async with transport.stream(job.endpoint, job.body, timeout=self._timeout(job)) as answer:
             if answer.status != 200:
                 return Response(answer.status, answer.headers, answer.body, answer.request_id), False
             parts: list[str] = []
@@ -670,10 +952,14 @@ class Pool:
     async def _retry_or_fail(
         self, job: _Job, response: Response | None, delay: float | None, reason: str, streamed: bool
     ) -> None:
+        if job.reserved:
+            self._release(job)
         if streamed:
             await self._fail(job, errors.RetriesExhausted, f"the stream failed after output began: {reason}", response)
             return
         if job.attempts >= self.max_attempts:
+            if self._fall_back(job, reason):
+                return
             await self._fail(
                 job, errors.RetriesExhausted, f"gave up after {job.attempts} attempts; last: {reason}", response
             )
@@ -692,31 +978,61 @@ class Pool:
             await self._clock.sleep(delay)
         self._queue.requeue(job)
 
+    def _fall_back(self, job: _Job, reason: str) -> bool:
+        """Requeue ``job`` against the next fallback model, with fresh attempts; False when none is left."""
+        if job.route >= len(self._fallbacks):
+            return False
+        if job.reserved:
+            self._release(job)
+        fallback = self._fallbacks[job.route]
+        log.warning("job_fallback", custom_id=job.custom_id, model=fallback.model,
+                    failed_model=_str_or_none(job.body.get("model")), reason=redact(reason))
+        job.route += 1
+        job.body = {**job.body, "model": fallback.model}
+        job.attempts = 0
+        self._fallbacks_used += 1
+        self._queue.requeue(job)
+        return True
+
     # ------------------------------------------------------------------ finishing
 
-    async def _succeed(self, job: _Job, response: Response) -> None:
+    async def _succeed(self, job: _Job, response: Response, limiter: Limiter) -> None:
         usage = Usage.from_body(response.body)
-        limits = self._limiter.snapshot() if self._limiter is not None else None
+        model = _str_or_none(job.body.get("model"))
+        cost = None
         if usage is not None:
             self._prompt_tokens += usage.prompt_tokens
             self._completion_tokens += usage.completion_tokens
-            if limits is not None and limits.refund_unused and self._limiter is not None:
+            limits = limiter.snapshot()
+            if limits is not None and limits.refund_unused:
                 unused = job.charged - usage.total_tokens
                 if unused > 0:
-                    await self._limiter.refund(unused)
+                    await limiter.refund(unused)
+            cost = self.prices.cost(model, usage)
+            if cost is not None:
+                self._cost_usd += cost
+        if job.reserved:
+            self._release(job)  # after its real cost is counted: the budget always sees one or the other
         result = Result(
             custom_id=job.custom_id, endpoint=job.endpoint, status=response.status, body=response.body,
             request_id=response.request_id, usage=usage, attempts=job.attempts,
-            latency_s=self._clock.now() - job.submitted_at, model=_str_or_none(job.body.get("model")),
+            latency_s=self._clock.now() - job.submitted_at, model=model, cost_usd=cost,
         )
         if result.truncated:
             self._truncated += 1
         self._succeeded += 1
-        await self._finish(job, result)
+        if job.cache_key is not None:
+            await self._store(job, result)
+            await self._finish(job, result)
+            await self._land(job, result, cost)
+        else:
+            await self._finish(job, result)
 
     async def _fail(
         self, job: _Job, kind: type[errors.JobError], message: str, response: Response | None = None
     ) -> None:
+        if job.reserved:
+            self._release(job)
         message = redact(message)
         result = Result(
             custom_id=job.custom_id, endpoint=job.endpoint,
@@ -730,12 +1046,22 @@ class Pool:
         log.warning("job_failed", custom_id=job.custom_id, code=kind.code, attempt=job.attempts,
                     status=result.status, message=message)
         await self._finish(job, result)
+        if job.cache_key is not None:
+            await self._land(job, result, None)
 
     async def _drop_cancelled(self, job: _Job) -> None:
         # The submitter went away: nobody waits for this result, and no request is sent.
+        if job.cache_key is not None:
+            self._abandon_flight(job)
         self._settle()
 
     async def _finish(self, job: _Job, result: Result) -> None:
+        if self._observers:
+            for observer in self._observers:
+                try:
+                    observer(result)
+                except Exception as exc:
+                    log.warning("observer_failed", error=redact(f"{type(exc).__name__}: {exc}")[:300])
         if self.sink is not None:
             await self.sink.write(result)
         if job.stream_to is not None:
@@ -763,17 +1089,17 @@ class _MapCollector:
 
     __slots__ = ("_done_feeding", "_send", "pending")
 
-    def __init__(self, send: anyio.abc.ObjectSendStream[Result]) -> None:
+    def __init__(self, send: MemoryObjectSendStream[Result]) -> None:
         self._send = send
         self.pending = 0
         self._done_feeding = False
 
     async def deliver(self, result: Result) -> None:
-        self.pending -= 1
-        try:
+        # The consumer may have stopped reading: the result still went to the sink.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self._send.send(result)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # the consumer stopped reading: the result still went to the sink
+        # Counted down only once sent: closing while other deliveries wait for room would drop their results.
+        self.pending -= 1
         self._maybe_close()
 
     def feeding_done(self) -> None:
@@ -794,7 +1120,7 @@ class PoolStream:
     ) -> None:
         self._pool = pool
         self._args = (endpoint, body, custom_id, priority, timeout_s)
-        self._receive: anyio.abc.ObjectReceiveStream[str] | None = None
+        self._receive: MemoryObjectReceiveStream[str] | None = None
         self._future: asyncio.Future[Result] | None = None
         #: the job's Result, once the stream has ended
         self.result: Result | None = None
@@ -804,7 +1130,7 @@ class PoolStream:
 
     async def __anext__(self) -> str:
         if self._receive is None:
-            job = await self._pool._new_job(*self._args)
+            job = await self._pool._new_job(*self._args, cacheable=False)  # a stream is not replayed
             send, self._receive = anyio.create_memory_object_stream[str](64)
             job.stream_to = send
             self._future = job.future = asyncio.get_running_loop().create_future()

@@ -314,3 +314,15 @@ async def test_bodies_and_endpoints() -> None:
     assert [e for e, _ in transport.calls] == ["/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
     assert transport.calls[0][1] == {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
                                      "temperature": 0, "model": "gpt-4o-mini"}
+
+
+async def test_map_yields_every_result_when_deliveries_wait_for_the_consumer() -> None:
+    clock = FakeClock()
+    transport = FakeTransport(clock=clock)
+    requests = [scheduler.Request({"messages": [{"role": "user", "content": str(i)}], "max_tokens": 5},
+                                  custom_id=str(i)) for i in range(200)]
+    limits = scheduler.Limits(rpm=10**9)
+    async with clock.autojump(), make_pool(transport, clock, workers=16, limits=limits) as pool:
+        # A buffer of 1: finished jobs queue up to deliver, and the stream must not close under them.
+        seen = [r.custom_id async for r in pool.map(requests, buffer=1)]
+    assert sorted(seen, key=int) == [str(i) for i in range(200)]
