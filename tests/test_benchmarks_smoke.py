@@ -1,0 +1,81 @@
+"""The benchmarks run, at sizes small enough for CI: they complete and report figures. No timing is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[dict[str, ModuleType]]:
+    """The benchmark modules (they import each other by module name, as scripts do)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_efficiency
+        import bench_memory
+        import bench_overhead
+        import loadtest
+        import run_all
+
+        yield {"efficiency": bench_efficiency, "memory": bench_memory, "overhead": bench_overhead,
+               "loadtest": loadtest, "run_all": run_all}
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_overhead_reports_jobs_per_second(bench: dict[str, ModuleType]) -> None:
+    overhead = bench["overhead"]
+    common = sys.modules["common"]
+    common.quiet_logs()
+    figures: dict[str, Any] = asyncio.run(overhead.via_map(common.prompts(2000), 64))
+    assert figures["done"] == figures["sent"] == 2000
+    assert figures["jobs_per_s"] > 0
+    estimates = overhead.estimate_cost(count=50)
+    assert all(row["tiktoken_us"] > 0 and row["cache_hit_us"] > 0 for row in estimates)
+
+
+def test_efficiency_scheduler_client_completes(bench: dict[str, ModuleType]) -> None:
+    efficiency = bench["efficiency"]
+    sys.modules["common"].quiet_logs()
+    workload = efficiency.Workload(requests=100, rpm=600_000, tpm=100_000_000, latency_ms=0.0, latency_sigma=0.0)
+    variant = efficiency.run_variant("base", workload, ["scheduler"], sys.modules["common"].prompts(100))
+    (row,) = variant["rows"]
+    assert row["failed"] == 0 and row["429s"] == 0
+    assert row["wall_s"] > 0 and row["efficiency"] is not None
+    assert row["server_tokens"] > 0
+    assert variant["timelines"]["scheduler"]
+    summary = bench["run_all"].summarize({"efficiency": [variant]})
+    assert summary[0]["figure"].startswith("limit efficiency")
+
+
+def test_efficiency_plot_is_written(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    timeline = [{"t": t, "requests": 10, "tokens": 1000, "rate_limited": 0} for t in range(3)]
+    row = {"client": "scheduler", "wall_s": 3.0, "429s": 0, "failed": 0, "minimum_s": 3.0}
+    variant = {"workload": {"requests": 30, "rpm": 600, "tpm": 60_000, "latency_ms": 0.0},
+               "rows": [row], "timelines": {"scheduler": timeline}}
+    bench["efficiency"].plot(variant, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_loadtest_closed_loop_against_the_mock(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    argv = ["--mock", "--concurrency", "4", "--requests", "20", "--json", str(tmp_path / "l.json")]
+    out = bench["loadtest"].main(argv)
+    assert out["ok"] == 20 and out["errors"] == 0
+    assert out["latency_p50_ms"] is not None
+    assert (tmp_path / "l.json").exists()
+
+
+def test_memory_measure_reads_a_childs_peak(bench: dict[str, ModuleType]) -> None:
+    command = [sys.executable, "-c", "block = bytearray(64 * 2**20); block[::4096] = b'x' * len(block[::4096])"]
+    figures = bench["memory"].measure(command, dict(os.environ), rss_limit_mib=4096)
+    assert figures["exit_code"] == 0
+    assert figures["peak_rss_mib"] >= 64
