@@ -15,6 +15,7 @@ from .errors import RetriesExhausted as RetriesExhausted
 from .errors import RunStopped as RunStopped
 from .errors import SchedulerError as SchedulerError
 from .limits import Limits as Limits
+from .pool import Fallback as Fallback
 from .pool import Pool as Pool
 from .pool import PoolStatistics as PoolStatistics
 from .pool import PoolStream as PoolStream
@@ -40,6 +41,7 @@ __all__ = [
     "ConfigurationError",
     "DeadlineExceeded",
     "ErrorInfo",
+    "Fallback",
     "JobError",
     "JsonlSink",
     "Limits",

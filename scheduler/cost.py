@@ -25,7 +25,7 @@ import structlog
 from .errors import ConfigurationError
 from .results import Usage
 
-__all__ = ["DEFAULT_PRICES", "ModelPrice", "PriceTable", "output_reservation"]
+__all__ = ["DEFAULT_PRICES", "ModelPrice", "PriceTable"]
 
 log = structlog.get_logger("scheduler")
 
@@ -155,15 +155,3 @@ def _price(name: str, entry: Any) -> ModelPrice:
             f"tokens; input required), got {entry!r}"
         )
     return ModelPrice(input=entry["input"], output=entry.get("output", 0.0), cached_input=entry.get("cached_input"))
-
-
-def output_reservation(endpoint: str, body: Mapping[str, Any], default: int) -> int:
-    """Output tokens a request may bill at most: its cap times ``n`` (``default`` without a cap; 0 for
-    embeddings). The same rule as the token estimate's output reservation."""
-    if endpoint.endswith("embeddings"):
-        return 0
-    cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-        cap = default
-    n = body.get("n")
-    return cap * (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)

@@ -29,14 +29,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import errors
 from .cache import CacheBackend, CachedResponse, MemoryCache, cache_key, is_deterministic, open_cache
 from .clock import Clock, LoopClock
-from .cost import ModelPrice, PriceTable, output_reservation
+from .cost import ModelPrice, PriceTable
 from .limits import ClockedLimiter, Limiter, Limits
 from .logs import redact, register_secret
 from .queue import JobQueue
 from .results import ErrorInfo, Result, Usage
 from .retry import Backoff, Outcome, classify, error_code, retry_after_s
 from .sinks import Sink
-from .tokens import TokenEstimator
+from .tokens import TokenEstimator, output_reservation
 from .transport import OpenAITransport, Response, Transport, TransportFailure
 
 if TYPE_CHECKING:
@@ -335,6 +335,8 @@ class Pool:
         self._queue: JobQueue[_Job] = JobQueue(queue_size)
         self._sequence = itertools.count()
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._job_tasks: set[asyncio.Task[None]] = set()
+        self._job_error: BaseException | None = None
         self._slots: asyncio.Semaphore | None = None
         self._pause_until = -math.inf
         self._stopped: errors.RunStopped | None = None
@@ -392,6 +394,11 @@ class Pool:
                 await self._idle.wait()
         finally:
             self._closing = True
+            for task in self._job_tasks:
+                task.cancel()
+            # Shielded: when leaving because of a cancellation, the job tasks must still be awaited.
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*self._job_tasks, return_exceptions=True)
             self._task_group.cancel_scope.cancel()
             await self._task_group.__aexit__(exc_type, exc, tb)
             self._task_group = None
@@ -399,6 +406,8 @@ class Pool:
                 await self.sink.aclose()
             if self._owns_cache and self._cache is not None:
                 await self._cache.aclose()
+        if self._job_error is not None:
+            raise self._job_error
         return None
 
     # ------------------------------------------------------------------ submitting
@@ -745,6 +754,14 @@ class Pool:
 
     # ------------------------------------------------------------------ dispatching
 
+    def _job_task_done(self, task: asyncio.Task[None]) -> None:
+        self._job_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._job_error is None:
+            # A bug, not a job failure (those become error results): fail the whole pool loudly.
+            self._job_error = task.exception()
+            if self._idle is not None:
+                self._idle.set()  # stop draining: the pool is failing
+
     def _running(self) -> anyio.abc.TaskGroup:
         if self._task_group is None:
             raise errors.PoolClosed("the pool is not running: use it inside 'async with Pool(...)'")
@@ -752,7 +769,7 @@ class Pool:
 
     async def _dispatch(self) -> None:
         """The only consumer of the queue: admits jobs in priority order as workers and limits allow."""
-        queue, slots, tg = self._queue, self._slots, self._running()
+        queue, slots = self._queue, self._slots
         assert slots is not None
         while True:
             if not queue:
@@ -767,7 +784,10 @@ class Pool:
                 slots.release()
                 continue
             self._in_flight += 1
-            tg.start_soon(self._run, job)
+            # A bare asyncio task: anyio's start_soon costs several times more, and this is the hot path.
+            task = asyncio.create_task(self._run(job))
+            self._job_tasks.add(task)
+            task.add_done_callback(self._job_task_done)
 
     async def _admit(self, job: _Job) -> _Job | None:
         """Wait until ``job`` (or a job that overtook it in priority meanwhile) fits the limits and the budget;

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["TokenEstimator", "encoding_name_for_model"]
+__all__ = ["TokenEstimator", "encoding_name_for_model", "output_reservation"]
 
 log = structlog.get_logger("scheduler")
 
@@ -123,18 +123,31 @@ class TokenEstimator:
         return prompt + self._output_reservation(body)
 
     def _output_reservation(self, body: Mapping[str, Any]) -> int:
-        cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-        if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-            if not self._warned_uncapped:
-                self._warned_uncapped = True
-                log.warning(
-                    "output_cap_missing",
-                    reserved_tokens=self.default_output_tokens,
-                    detail="requests without max_tokens are charged this output reservation against TPM",
-                )
-            cap = self.default_output_tokens
-        n = body.get("n")
-        return cap * (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
+        if not _has_output_cap(body) and not self._warned_uncapped:
+            self._warned_uncapped = True
+            log.warning(
+                "output_cap_missing",
+                reserved_tokens=self.default_output_tokens,
+                detail="requests without max_tokens are charged this output reservation against TPM",
+            )
+        return output_reservation("", body, self.default_output_tokens)
+
+
+def _has_output_cap(body: Mapping[str, Any]) -> bool:
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    return isinstance(cap, int) and not isinstance(cap, bool) and cap > 0
+
+
+def output_reservation(endpoint: str, body: Mapping[str, Any], default: int) -> int:
+    """Output tokens a request may bill at most: its cap (``max_completion_tokens``, ``max_tokens`` or
+    ``max_output_tokens``; ``default`` without one) times ``n``; 0 for embeddings."""
+    if endpoint.endswith("embeddings"):
+        return 0
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    if not _has_output_cap(body):
+        cap = default
+    n = body.get("n")
+    return int(cap) * (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
 
 
 def _message_tokens(message: Any, tokens: Callable[[str], int]) -> int:

@@ -12,9 +12,10 @@ import pytest
 from structlog.testing import capture_logs
 
 import scheduler
-from scheduler.cost import DEFAULT_PRICES, ModelPrice, PriceTable, output_reservation
+from scheduler.cost import DEFAULT_PRICES, ModelPrice, PriceTable
 from scheduler.sinks import batch_line
 from scheduler.testing import FakeClock, FakeTransport, ok
+from scheduler.tokens import output_reservation
 from scheduler.transport import Response
 
 
