@@ -143,11 +143,11 @@ def output_reservation(endpoint: str, body: Mapping[str, Any], default: int) -> 
     ``max_output_tokens``; ``default`` without one) times ``n``; 0 for embeddings."""
     if endpoint.endswith("embeddings"):
         return 0
-    cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-    if not _has_output_cap(body):
-        cap = default
+    cap: int = default
+    if _has_output_cap(body):
+        cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     n = body.get("n")
-    return int(cap) * (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
+    return cap * (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
 
 
 def _message_tokens(message: Any, tokens: Callable[[str], int]) -> int:
