@@ -123,7 +123,7 @@ class TokenEstimator:
         return prompt + self._output_reservation(body)
 
     def _output_reservation(self, body: Mapping[str, Any]) -> int:
-        if not _has_output_cap(body) and not self._warned_uncapped:
+        if _output_cap(body) is None and not self._warned_uncapped:
             self._warned_uncapped = True
             log.warning(
                 "output_cap_missing",
@@ -133,9 +133,9 @@ class TokenEstimator:
         return output_reservation("", body, self.default_output_tokens)
 
 
-def _has_output_cap(body: Mapping[str, Any]) -> bool:
+def _output_cap(body: Mapping[str, Any]) -> int | None:
     cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-    return isinstance(cap, int) and not isinstance(cap, bool) and cap > 0
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
 
 
 def output_reservation(endpoint: str, body: Mapping[str, Any], default: int) -> int:
@@ -143,9 +143,9 @@ def output_reservation(endpoint: str, body: Mapping[str, Any], default: int) -> 
     ``max_output_tokens``; ``default`` without one) times ``n``; 0 for embeddings."""
     if endpoint.endswith("embeddings"):
         return 0
-    cap: int = default
-    if _has_output_cap(body):
-        cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    cap = _output_cap(body)
+    if cap is None:
+        cap = default
     n = body.get("n")
     return cap * (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1)
 
