@@ -55,6 +55,8 @@ class Workload:
     drop_rate: float = 0.0
     #: the clients are configured with the server's limits times this
     limit_factor: float = 1.0
+    #: the aiolimiter client's window: 1 s (a careful user) or 60 s (the limit as stated, per minute)
+    aiolimiter_period_s: float = 1.0
 
     def mock_args(self) -> list[str]:
         return ["--rpm", str(self.rpm), "--tpm", str(self.tpm), "--latency-ms", str(self.latency_ms),
@@ -140,16 +142,17 @@ async def run_naive(base_url: str, texts: list[str], w: Workload, start: Start) 
 async def run_aiolimiter(base_url: str, texts: list[str], w: Workload, start: Start) -> Outcome:
     """A careful client: one leaky bucket for RPM and one for TPM, each acquiring a tiktoken estimate.
 
-    The limiters hold one second's worth of the limit, as providers enforce per-minute limits over short
-    slices; ``AsyncLimiter(rpm, 60)`` would allow a whole minute's burst at once and meet a wall of 429s.
+    By default the limiters hold one second's worth of the limit, as providers enforce per-minute limits over
+    short slices; ``--aiolimiter-period 60`` gives ``AsyncLimiter(rpm, 60)``, which allows a minute's burst.
     """
     import tiktoken
     from aiolimiter import AsyncLimiter
 
     encoding = tiktoken.encoding_for_model(MODEL)
     client = _sdk(base_url)
-    requests = AsyncLimiter(w.client_rpm / 60, 1)
-    tokens = AsyncLimiter(w.client_tpm / 60, 1)
+    period = w.aiolimiter_period_s
+    requests = AsyncLimiter(w.client_rpm * period / 60, period)
+    tokens = AsyncLimiter(w.client_tpm * period / 60, period)
 
     async def one(text: str) -> Any:
         estimate = len(encoding.encode(text)) + w.max_tokens
@@ -282,11 +285,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=50)
     parser.add_argument("--variants", default="base,faults,over", help=f"some of {','.join(VARIANTS)}")
     parser.add_argument("--clients", default=",".join(CLIENTS), help=f"some of {','.join(CLIENTS)}")
+    parser.add_argument("--aiolimiter-period", type=float, default=1.0, help="the aiolimiter client's window (s)")
     parser.add_argument("--plot", type=Path, default=RESULTS / "efficiency.png", help="PNG of the base variant")
     parser.add_argument("--json", type=Path, default=RESULTS / "efficiency.json")
     args = parser.parse_args()
     base = Workload(requests=args.requests, rpm=args.rpm, tpm=args.tpm, latency_ms=args.latency_ms,
-                    max_tokens=args.max_tokens)
+                    max_tokens=args.max_tokens, aiolimiter_period_s=args.aiolimiter_period)
     variants = [v for v in args.variants.split(",") if v]
     clients = [c for c in args.clients.split(",") if c]
     unknown = (set(variants) - set(VARIANTS)) | (set(clients) - set(CLIENTS))

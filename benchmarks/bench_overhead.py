@@ -113,6 +113,8 @@ def profile(texts: list[str], workers: int, top: int = 15) -> dict[str, Any]:
     areas: dict[str, float] = {}
     for row in rows:
         areas[_area(row["function"])] = areas.get(_area(row["function"]), 0.0) + row["own_s"]
+    ranked = sorted(areas.items(), key=lambda item: -item[1])
+    by_area = [*ranked[:10], ("(everything else)", sum(own for _, own in ranked[10:]))]
     # The event loop's own frames count every resumed coroutine again: left out of the cumulative list.
     plumbing = ("asyncio/base_events.py", "asyncio/events.py", "'run' of '_contextvars", "_run_coro")
     cumulative = [row for row in rows if not any(p in row["function"] for p in plumbing)]
@@ -120,7 +122,7 @@ def profile(texts: list[str], workers: int, top: int = 15) -> dict[str, Any]:
         "jobs": len(texts),
         "total_s": round(total, 3),
         "by_area": [{"area": area, "own_s": round(own, 3), "own_pct": round(100 * own / total, 1)}
-                    for area, own in sorted(areas.items(), key=lambda item: -item[1])],
+                    for area, own in by_area],
         "by_own_time": sorted(rows, key=lambda row: -row["own_s"])[:top],
         "by_cumulative": sorted(cumulative, key=lambda row: -row["cumulative_s"])[:top],
     }

@@ -105,12 +105,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def machine() -> dict[str, Any]:
-    """Where the figures were measured."""
+    """Where and on what the figures were measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     return {
         "date": datetime.date.today().isoformat(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
+        "commit": commit,
+        "load_average": os.getloadavg(),
     }
 
 

@@ -10,7 +10,6 @@ Usage: python benchmarks/run_all.py [--only efficiency,overhead,throughput,memor
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -110,7 +109,7 @@ def main() -> None:
     chosen = [step for step in args.only.split(",") if step]
     if set(chosen) - set(steps):
         parser.error(f"choose from {', '.join(STEPS)}")
-    results: dict[str, Any] = {"machine": {**machine(), "load_average": os.getloadavg()}}
+    results: dict[str, Any] = {"machine": machine()}
     timings = {}
     for step in chosen:
         print(f"\n=== {step}", flush=True)

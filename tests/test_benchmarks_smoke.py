@@ -75,7 +75,9 @@ def test_loadtest_closed_loop_against_the_mock(bench: dict[str, ModuleType], tmp
 
 
 def test_memory_measure_reads_a_childs_peak(bench: dict[str, ModuleType]) -> None:
-    command = [sys.executable, "-c", "block = bytearray(64 * 2**20); block[::4096] = b'x' * len(block[::4096])"]
+    # The peak is sampled while the child runs: it holds its memory for a moment.
+    command = [sys.executable, "-c", "import time; block = bytearray(64 * 2**20); block[::4096] = "
+               "b'x' * len(block[::4096]); time.sleep(0.5)"]
     figures = bench["memory"].measure(command, dict(os.environ), rss_limit_mib=4096)
     assert figures["exit_code"] == 0
     assert figures["peak_rss_mib"] >= 64
