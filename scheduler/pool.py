@@ -448,7 +448,8 @@ class Pool:
         job.future = future
         await self._enqueue(job)
         try:
-            result = await asyncio.shield(future)
+            # Not shielded: cancelling the caller cancels this future, which the pool checks before delivering.
+            result = await future
         except asyncio.CancelledError:
             job.cancelled = True
             raise
