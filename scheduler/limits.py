@@ -340,7 +340,13 @@ class LocalLimiter:
         if span < self.calibration_window_s and anchor.sent_at != self._first_sent:
             return  # out-of-order answers (span < 0) and short spans are too noisy to learn from
         ours = charged - anchor.charged
-        theirs = deficit - anchor.deficit + span * limit / 60.0
+        refill = span * limit / 60.0
+        if deficit < refill:
+            # The server's bucket may have been full somewhere in the window, and refill beyond full is not
+            # refill: the window says nothing (without this, an idle limit drives the ratio up).
+            self._anchor = _Calibration(sent_at, deficit, charged)
+            return
+        theirs = deficit - anchor.deficit + refill
         self._anchor = _Calibration(sent_at, deficit, charged)
         if ours <= 0 or theirs <= 0:
             return

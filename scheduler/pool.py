@@ -336,6 +336,8 @@ class Pool:
         self._sequence = itertools.count()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._job_tasks: set[asyncio.Task[None]] = set()
+        #: limiters the pool opened itself (Redis connections), and so closes
+        self._owned_limiters: list[Any] = []
         self._job_error: BaseException | None = None
         self._slots: asyncio.Semaphore | None = None
         self._pause_until = -math.inf
@@ -366,6 +368,7 @@ class Pool:
 
             assert self._limits is not None
             self._limiter = await RedisLimiter.connect(self._redis_url, self._limits, scope=self._limit_scope)
+            self._owned_limiters.append(self._limiter)
         if self._limiter is None:
             self._limiter = ClockedLimiter(self._limits, self._clock)
         self._fallback_routes = []
@@ -376,6 +379,7 @@ class Pool:
 
                 scope = _limit_scope(fallback.client or self._client, fallback.model)
                 limiter = await RedisLimiter.connect(self._redis_url, fallback.limits, scope=scope)
+                self._owned_limiters.append(limiter)
             self._fallback_routes.append((transport, limiter))
         self._budget_freed = asyncio.Event()
         self._slots = asyncio.Semaphore(self.workers)
@@ -402,6 +406,9 @@ class Pool:
             self._task_group.cancel_scope.cancel()
             await self._task_group.__aexit__(exc_type, exc, tb)
             self._task_group = None
+            for owned in self._owned_limiters:
+                await owned.aclose()
+            self._owned_limiters.clear()
             if self.sink is not None:
                 await self.sink.aclose()
             if self._owns_cache and self._cache is not None:
