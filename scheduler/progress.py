@@ -1,0 +1,234 @@
+"""What a bulk run shows while it works: a live display on a terminal, JSON status lines otherwise, a summary.
+
+Everything goes to stderr: stdout and the output file carry no progress.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.live import Live
+
+    from .pool import PoolStatistics
+    from .results import Result
+
+__all__ = ["Progress", "RunCounts"]
+
+@dataclass(slots=True)
+class RunCounts:
+    """The run's own tally (the pool counts attempts; this counts lines of the input and the output)."""
+
+    #: requests in the input
+    lines: int = 0
+    #: requests already in the output from an earlier run
+    skipped: int = 0
+    succeeded: int = 0
+    #: error records written (invalid lines included)
+    failed: int = 0
+    invalid: int = 0
+    #: jobs the stop kept from running: not written, left for the next run
+    not_run: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def to_do(self) -> int:
+        return self.lines - self.skipped
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+    def add(self, result: Result, written: bool) -> None:
+        """Count one result; ``written`` says whether it went to the output."""
+        if not written:
+            self.not_run += 1
+        elif result.error is None:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        if result.usage is not None:
+            self.prompt_tokens += result.usage.prompt_tokens
+            self.completion_tokens += result.usage.completion_tokens
+        # The pool prices results from its list prices (scheduler.cost); None for models it has no price for.
+        self.cost_usd += result.cost_usd or 0.0
+
+
+@dataclass(slots=True)
+class _Rate:
+    """Completions per second over the last ``window_s``, for the ETA."""
+
+    window_s: float = 15.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def update(self, now: float, done: int) -> float | None:
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 - t0 >= 1.0 else None
+
+
+class Progress:
+    """Shows a run's progress on stderr.
+
+    Args:
+        counts: the run's tally, updated by the caller.
+        title: one line naming the run (input, output, model).
+        live: a rich live display (on a terminal) instead of JSON status lines.
+        interval_s: seconds between JSON status lines.
+    """
+
+    def __init__(self, counts: RunCounts, *, title: str, live: bool, interval_s: float = 5.0) -> None:
+        self.counts = counts
+        self.title = title
+        self.interval_s = interval_s
+        self.started = time.monotonic()
+        self._rate = _Rate()
+        self._stats: Callable[[], PoolStatistics] | None = None
+        self._console: Console | None = None
+        self._live: Live | None = None
+        if live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._console = Console(stderr=True)
+            # No auto-refresh thread: statistics() must be read on the event loop's thread.
+            self._live = Live(console=self._console, auto_refresh=False, redirect_stdout=False,
+                              redirect_stderr=True, transient=False)
+
+    @property
+    def console(self) -> Console | None:
+        """The rich console of the live display (None when writing JSON lines)."""
+        return self._console
+
+    async def watch(self, stats: Callable[[], PoolStatistics]) -> None:
+        """Refresh the display (or write a status line) until cancelled."""
+        self._stats = stats
+        if self._live is None:
+            while True:
+                await anyio.sleep(self.interval_s)
+                self._status_line()
+        with self._live:
+            try:
+                while True:
+                    self._live.update(self._render(), refresh=True)
+                    await anyio.sleep(0.25)
+            finally:
+                # The last frame shows the final counts.
+                self._live.update(self._render(), refresh=True)
+
+    # ------------------------------------------------------------------ figures
+
+    def _figures(self) -> dict[str, Any]:
+        counts, now = self.counts, time.monotonic()
+        rate = self._rate.update(now, counts.done)
+        remaining = max(0, counts.to_do - counts.done - counts.not_run)
+        figures: dict[str, Any] = {
+            "done": counts.done,
+            "total": counts.to_do,
+            "succeeded": counts.succeeded,
+            "failed": counts.failed,
+            "elapsed_s": round(now - self.started, 1),
+            "eta_s": round(remaining / rate, 1) if rate else None,
+            "cost_usd": round(counts.cost_usd, 6),
+        }
+        stats = self._stats() if self._stats is not None else None
+        if stats is not None:
+            limits = stats.limits
+            figures.update(
+                in_flight=stats.in_flight,
+                queued=stats.queued,
+                retries=stats.retries,
+                rate_limited=stats.rate_limited,
+                requests_per_minute=round(stats.requests_per_minute),
+                rpm_limit=limits.rpm if limits is not None else None,
+                tokens_per_minute=round(stats.tokens_per_minute),
+                tpm_limit=limits.tpm if limits is not None else None,
+            )
+        return figures
+
+    def _status_line(self) -> None:
+        line = {"event": "run_progress", **self._figures()}
+        _write_json(line)
+
+    def _render(self) -> RenderableType:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        f = self._figures()
+        total = max(1, f["total"])
+        share = f["done"] / total
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(total=total, completed=f["done"], width=40),
+            Text(f"{f['done']:,}/{f['total']:,}  {share:.0%}", style="bold"),
+            Text(f"ETA {_duration(f['eta_s'])}  elapsed {_duration(f['elapsed_s'])}", style="dim"),
+        )
+        grid = Table.grid(padding=(0, 3))
+        grid.add_row(
+            f"requests/min [bold]{f.get('requests_per_minute', 0):,}[/] / {_limit(f.get('rpm_limit'))}",
+            f"tokens/min [bold]{f.get('tokens_per_minute', 0):,}[/] / {_limit(f.get('tpm_limit'))}",
+        )
+        grid.add_row(
+            f"in flight [bold]{f.get('in_flight', 0)}[/]   queued {f.get('queued', 0)}",
+            f"retries {f.get('retries', 0)}   429s {f.get('rate_limited', 0)}   "
+            f"failed [{'red' if f['failed'] else 'green'}]{f['failed']}[/]   cost ~${f['cost_usd']:.4f}",
+        )
+        return Group(Text(self.title, style="bold cyan"), bar, grid)
+
+    # ------------------------------------------------------------------ the end
+
+    def summary(self, figures: dict[str, Any], message: str) -> None:
+        """Write the run's summary: a table on a terminal, one JSON line otherwise."""
+        if self._console is None:
+            _write_json({"event": "run_summary", **figures, "message": message})
+            return
+        from rich.table import Table
+
+        table = Table(title="scheduler run", show_header=False, title_justify="left")
+        for key, value in figures.items():
+            if value is not None:
+                table.add_row(key.replace("_", " "), _show(value))
+        self._console.print(table)
+        style = "green" if figures.get("exit_code") == 0 else "yellow"
+        self._console.print(message, style=style, highlight=False, markup=False)
+
+
+def _write_json(line: dict[str, Any]) -> None:
+    sys.stderr.buffer.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+    sys.stderr.buffer.flush()
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _limit(value: int | None) -> str:
+    return f"{value:,}" if value is not None else "?"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4f}" if value < 1 else f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
