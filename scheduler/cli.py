@@ -35,6 +35,7 @@ from .batch import (
     scan_input,
     scan_output,
 )
+from .errors import SchedulerError
 from .logs import configure_logging, register_secret
 from .pool import Pool, Request
 from .progress import Progress, RunCounts
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mock-server":
         return _mock_server(parser, args)
     try:
-        code = _run(args)
+        code = _run(args) if args.command == "run" else int(args.handler(args))
     except KeyboardInterrupt:
         # Ctrl-C while reading the files or starting up: nothing was sent.
         print("scheduler: interrupted before any request was sent", file=sys.stderr)
@@ -81,6 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _dollars(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of dollars: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -117,6 +128,17 @@ def _parser(*, with_mock_options: bool) -> argparse.ArgumentParser:
     add("--base-url", help="API base URL (default: OPENAI_BASE_URL, else OpenAI's)")
     add("--mock", action="store_true",
         help="run against the built-in mock server (no key needed); --rpm/--tpm set its limits")
+    add("--redis", metavar="URL",
+        help="share --rpm/--tpm with every process and host that uses this Redis (one budget)")
+    add("--budget", type=_dollars, metavar="USD",
+        help="stop admitting before spending could pass this many US dollars; a later run resumes the rest")
+    add("--prices", type=Path, metavar="FILE", help="JSON prices per model, adding to the built-in list prices")
+    add("--cache", metavar="PATH",
+        help="response cache for deterministic requests (temperature 0, embeddings): a SQLite file, or "
+        "'redis' to keep it in the --redis server")
+    add("--fallback", action="append", default=[], metavar="MODEL",
+        help="a model to try when a request's model fails for good (404, retries exhausted); repeatable")
+    add("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
     add("-v", "--verbose", action="store_true", help="also log retries and other info events")
 
     mock = commands.add_parser("mock-server", help="run the built-in OpenAI-compatible mock server")
@@ -127,6 +149,9 @@ def _parser(*, with_mock_options: bool) -> argparse.ArgumentParser:
         from .mock import add_mock_arguments
 
         add_mock_arguments(mock)
+    from .distributed_cli import add_subcommands  # cheap: the heavy imports happen inside the handlers
+
+    add_subcommands(commands)
     return parser
 
 
@@ -163,6 +188,12 @@ class _Plan:
     tpm: int | None
     workers: int
     max_attempts: int
+    redis: str | None = None
+    budget_usd: float | None = None
+    prices: Path | None = None
+    cache: str | None = None
+    fallbacks: tuple[str, ...] = ()
+    metrics_port: int | None = None
 
 
 @dataclass(slots=True)
@@ -226,6 +257,10 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         try:
             asyncio.run(_execute(plan, writer, state, progress))
+        except (_UsageError, SchedulerError) as exc:
+            # Found at start-up, before any request: a bad prices file, an unreachable Redis.
+            print(f"scheduler run: error: {exc}", file=sys.stderr)
+            return 2
         finally:
             writer.close()
     code, message = _verdict(state, prior.failed, plan.output)
@@ -272,8 +307,17 @@ def _plan(args: argparse.Namespace) -> _Plan:
         raise _UsageError(f"the output's directory does not exist: {output.parent}")
     if output.exists() and output.resolve() == source.resolve():
         raise _UsageError("the output file is the input file")
+    if args.redis and not (args.rpm or args.tpm):
+        raise _UsageError("--redis shares the limits: give --rpm and/or --tpm (for all processes together)")
+    if args.redis and args.mock:
+        raise _UsageError("--redis with --mock: each run would have its own mock server; use --base-url")
+    if args.cache == "redis" and not args.redis:
+        raise _UsageError("--cache redis keeps the cache in the --redis server: give --redis URL")
+    if args.prices is not None and not args.prices.is_file():
+        raise _UsageError(f"no such prices file: {args.prices}")
     return _Plan(source, output, args.model, key, base_url, args.mock, args.rpm, args.tpm, args.workers,
-                 args.max_attempts)
+                 args.max_attempts, args.redis, args.budget, args.prices, args.cache, tuple(args.fallback),
+                 args.metrics_port)
 
 
 def _report_duplicates(path: Path, duplicates: list[tuple[str, list[int]]]) -> None:
@@ -322,13 +366,26 @@ async def _execute(plan: _Plan, writer: OutputWriter, state: _State, progress: P
             base_url = (await stack.enter_async_context(MockServer(config))).base_url
         client = AsyncOpenAI(api_key=plan.key, base_url=base_url, http_client=DefaultAioHttpClient())
         stack.push_async_callback(client.close)
+        cache: Any = plan.cache
+        if cache == "redis":
+            from .cache import RedisCache
+
+            assert plan.redis is not None  # checked in _plan
+            cache = RedisCache(plan.redis)
+            stack.push_async_callback(cache.aclose)
         # No model for the pool: every body names one, and a pool with a model waits for its tokenizer.
-        pool = Pool(
-            limits=Limits(rpm=plan.rpm, tpm=plan.tpm) if plan.rpm or plan.tpm else None,
-            workers=plan.workers, max_attempts=plan.max_attempts, queue_size=_READ_AHEAD,
-            sink=_Recorder(writer, state),
-            transport=_FirstSend(OpenAITransport(client), state),
-        )
+        try:
+            pool = Pool(
+                client=client,  # names the shared budget under --redis; requests go through the transport
+                limits=Limits(rpm=plan.rpm, tpm=plan.tpm) if plan.rpm or plan.tpm else None,
+                workers=plan.workers, max_attempts=plan.max_attempts, queue_size=_READ_AHEAD,
+                sink=_Recorder(writer, state),
+                transport=_FirstSend(OpenAITransport(client), state),
+                redis=plan.redis, budget_usd=plan.budget_usd, prices=plan.prices, cache=cache,
+                fallbacks=plan.fallbacks,
+            )
+        except SchedulerError as exc:
+            raise _UsageError(str(exc)) from exc
         pool.estimator = _WarmEstimator(pool.estimator.default_output_tokens, state.tokenizer_ready)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows: Ctrl-C stops at once
@@ -338,6 +395,11 @@ async def _execute(plan: _Plan, writer: OutputWriter, state: _State, progress: P
         try:
             with state.hard_stop:
                 async with pool, anyio.create_task_group() as tasks:
+                    if plan.metrics_port is not None:
+                        from .metrics import serve_metrics
+
+                        metrics = await serve_metrics(pool, plan.metrics_port)
+                        stack.push_async_callback(metrics.aclose)
                     tasks.start_soon(progress.watch, pool.statistics)
                     tasks.start_soon(_drain_watch, state, pool)
                     requests = _requests(plan, writer, state)

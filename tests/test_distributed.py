@@ -32,20 +32,9 @@ from scheduler.mock import MockConfig, MockServer
 
 pytestmark = needs_redis
 
-# The commands as `scheduler` will run them, until cli.py wires them in.
-_CLI = (
-    "import argparse, sys\n"
-    "from scheduler.distributed_cli import add_subcommands\n"
-    "parser = argparse.ArgumentParser(prog='scheduler')\n"
-    "add_subcommands(parser.add_subparsers(dest='command', required=True))\n"
-    "args = parser.parse_args(sys.argv[1:])\n"
-    "sys.exit(args.handler(args))\n"
-)
-
-
 def _cli(*args: str, **popen: Any) -> subprocess.Popen[str]:
     env = {**os.environ, "OPENAI_API_KEY": "sk-mock-key-for-tests", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-c", _CLI, *args], env=env, text=True, **popen)
+    return subprocess.Popen([sys.executable, "-m", "scheduler", *args], env=env, text=True, **popen)
 
 
 def _cli_run(*args: str) -> subprocess.CompletedProcess[str]:
