@@ -501,7 +501,8 @@ class Pool:
         has room, and a consumer that falls ``buffer`` results behind slows the workers down.
         """
         send, receive = anyio.create_memory_object_stream[Result](buffer)
-        collector = _MapCollector(send)
+        # Fed but not yet delivered, at most: a slow reader then slows the feed instead of results piling up.
+        collector = _MapCollector(send, self._queue.maxsize + self.workers + buffer)
         failure: list[BaseException] = []
 
         async def feed(*, task_status: anyio.abc.TaskStatus[anyio.CancelScope]) -> None:
@@ -530,6 +531,14 @@ class Pool:
             raise failure[0]
 
     async def _feed_one(self, item: Request | str | Mapping[str, Any], collector: _MapCollector) -> None:
+        await collector.room.acquire()
+        try:
+            await self._feed_job(item, collector)
+        except BaseException:
+            collector.room.release()
+            raise
+
+    async def _feed_job(self, item: Request | str | Mapping[str, Any], collector: _MapCollector) -> None:
         if isinstance(item, Request):
             endpoint, body = self._build_body(item.body, item.endpoint, {})
             job = await self._new_job(endpoint, body, item.custom_id, item.priority, item.timeout_s, item.cacheable)
@@ -1115,11 +1124,13 @@ class _StreamCut(TransportFailure):
 class _MapCollector:
     """Delivers map() results to its stream, and closes the stream after the last one."""
 
-    __slots__ = ("_done_feeding", "_send", "pending")
+    __slots__ = ("_done_feeding", "_send", "pending", "room")
 
-    def __init__(self, send: MemoryObjectSendStream[Result]) -> None:
+    def __init__(self, send: MemoryObjectSendStream[Result], most_undelivered: int) -> None:
         self._send = send
         self.pending = 0
+        #: one unit per job fed and not yet delivered
+        self.room = asyncio.Semaphore(most_undelivered)
         self._done_feeding = False
 
     async def deliver(self, result: Result) -> None:
@@ -1128,6 +1139,7 @@ class _MapCollector:
             await self._send.send(result)
         # Counted down only once sent: closing while other deliveries wait for room would drop their results.
         self.pending -= 1
+        self.room.release()
         self._maybe_close()
 
     def feeding_done(self) -> None:

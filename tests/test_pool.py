@@ -326,3 +326,28 @@ async def test_map_yields_every_result_when_deliveries_wait_for_the_consumer() -
         # A buffer of 1: finished jobs queue up to deliver, and the stream must not close under them.
         seen = [r.custom_id async for r in pool.map(requests, buffer=1)]
     assert sorted(seen, key=int) == [str(i) for i in range(200)]
+
+
+async def test_map_stops_feeding_while_the_reader_is_behind() -> None:
+    """Results the reader has not taken count against the input read ahead: they never pile up."""
+    clock = FakeClock()
+    transport = FakeTransport(clock=clock)
+    pulled = 0
+
+    def requests() -> Any:
+        nonlocal pulled
+        for i in range(1000):
+            pulled += 1
+            yield scheduler.Request({"messages": [{"role": "user", "content": str(i)}], "max_tokens": 5})
+
+    async with clock.autojump(), make_pool(transport, clock, queue_size=4, workers=2,
+                                           limits=scheduler.Limits(rpm=60_000)) as pool:
+        results = pool.map(requests(), buffer=2)
+        await results.__anext__()
+        await clock.sleep(60)  # the reader is busy elsewhere for a simulated minute
+        # Undelivered: queue + workers + buffer; delivered into the result stream's buffer: 2; plus the one
+        # taken and the one in the feeder's hand. Of 1,000.
+        assert pulled <= (4 + 2 + 2) + 2 + 1 + 1
+        assert len(transport.calls) <= pulled
+        await results.aclose()
+        pool.stop()
