@@ -75,8 +75,10 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "overhead" in results:
         for run in results["overhead"]["runs"]:
             lost = f", {run['jobs'] - run['yielded']:,} results not yielded" if run["yielded"] != run["jobs"] else ""
-            add(f"overhead ({run['mode']})", f"{run['jobs_per_s']:,} jobs/s, {run['cpu_us_per_job']} us CPU/job{lost}",
-                ">= 20,000 jobs/s", run["jobs_per_s"] >= 20_000 and not lost)
+            add(f"overhead ({run['mode']})",
+                f"{run['jobs_per_s']:,} jobs/s; {run['cpu_us_per_job']} us CPU/job = {run['jobs_per_cpu_s']:,} "
+                f"jobs per CPU-second{lost}",
+                ">= 20,000 jobs/s on one core", run["jobs_per_cpu_s"] >= 20_000 and not lost)
         for row in results["overhead"]["estimates"]:
             add(f"token estimate, {row['prompt']}", f"{row['tiktoken_us']} us; cache hit {row['cache_hit_us']} us",
                 "(measured)", None)
