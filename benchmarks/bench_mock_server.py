@@ -7,32 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import subprocess
-import sys
 import time
 
 import aiohttp
 import orjson
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_mock(port: int) -> subprocess.Popen[bytes]:
-    """Start the mock in its own process (so client and server do not share one event loop)."""
-    cmd = [sys.executable, "-m", "scheduler.mock", "--port", str(port)]
-    cmd += ["--rpm", "10000000", "--tpm", "10000000000"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    line = proc.stderr.readline().decode()  # the server prints its base URL once it listens
-    if "http://" not in line:
-        proc.kill()
-        raise RuntimeError(f"mock server did not start: {line!r}")
-    return proc
+from common import mock_server, stats
 
 
 async def drive(base_url: str, total: int, concurrency: int, stream: bool) -> tuple[float, int]:
@@ -76,20 +55,14 @@ async def main() -> None:
     parser.add_argument("--stream", action="store_true", help="request SSE streams")
     args = parser.parse_args()
 
-    port = free_port()
-    proc = start_mock(port)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        elapsed, failures = await drive(f"{base}/v1", args.requests, args.concurrency, args.stream)
-        async with aiohttp.ClientSession() as session, session.get(f"{base}/stats") as r:
-            stats = await r.json()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    # The mock in its own process, so client and server do not share one event loop.
+    with mock_server("--rpm", "10000000", "--tpm", "10000000000") as base_url:
+        elapsed, failures = await drive(base_url, args.requests, args.concurrency, args.stream)
+        seen = stats(base_url)
     mode = "stream" if args.stream else "json"
     print(
         f"{args.requests} requests ({mode}) at concurrency {args.concurrency}: {elapsed:.2f} s, "
-        f"{args.requests / elapsed:,.0f} req/s, {failures} non-200; server saw {stats['ok']} ok"
+        f"{args.requests / elapsed:,.0f} req/s, {failures} non-200; server saw {seen['ok']} ok"
     )
 
 
