@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from . import errors
 from .cache import CacheBackend, CachedResponse, MemoryCache, cache_key, is_deterministic, open_cache
@@ -500,9 +499,8 @@ class Pool:
         Memory stays bounded however many requests come in: they are read from ``requests`` only as the queue
         has room, and a consumer that falls ``buffer`` results behind slows the workers down.
         """
-        send, receive = anyio.create_memory_object_stream[Result](buffer)
-        # Fed but not yet delivered, at most: a slow reader then slows the feed instead of results piling up.
-        collector = _MapCollector(send, self._queue.maxsize + self.workers + buffer)
+        # Fed but not yet read, at most: a slow reader then slows the feed instead of results piling up.
+        collector = _MapCollector(self._queue.maxsize + self.workers + buffer)
         failure: list[BaseException] = []
 
         async def feed(*, task_status: anyio.abc.TaskStatus[anyio.CancelScope]) -> None:
@@ -522,10 +520,10 @@ class Pool:
         tg = self._running()
         scope = await tg.start(feed)
         try:
-            async with receive:
-                async for result in receive:
-                    yield result
+            while (result := await collector.next()) is not None:
+                yield result
         finally:
+            collector.reader_gone()
             scope.cancel()
         if failure:
             raise failure[0]
@@ -1122,33 +1120,59 @@ class _StreamCut(TransportFailure):
 
 
 class _MapCollector:
-    """Delivers map() results to its stream, and closes the stream after the last one."""
+    """Holds map() results until the reader takes them.
 
-    __slots__ = ("_done_feeding", "_send", "pending", "room")
+    ``room`` bounds the results fed and not yet read, so delivery never has to wait: a plain deque and one
+    waiter (an anyio memory stream costs a fifth of a job's time on this path).
+    """
 
-    def __init__(self, send: MemoryObjectSendStream[Result], most_undelivered: int) -> None:
-        self._send = send
+    __slots__ = ("_done_feeding", "_gone", "_results", "_waiter", "pending", "room")
+
+    def __init__(self, most_unread: int) -> None:
+        #: jobs fed and not yet delivered
         self.pending = 0
-        #: one unit per job fed and not yet delivered
-        self.room = asyncio.Semaphore(most_undelivered)
+        #: one unit per job fed and not yet read
+        self.room = asyncio.Semaphore(most_unread)
+        self._results: deque[Result] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._done_feeding = False
+        self._gone = False
 
     async def deliver(self, result: Result) -> None:
-        # The consumer may have stopped reading: the result still went to the sink.
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await self._send.send(result)
-        # Counted down only once sent: closing while other deliveries wait for room would drop their results.
         self.pending -= 1
-        self.room.release()
-        self._maybe_close()
+        if self._gone:
+            self.room.release()  # nobody reads any more: the result still went to the sink
+        else:
+            self._results.append(result)
+        self._wake()
 
     def feeding_done(self) -> None:
         self._done_feeding = True
-        self._maybe_close()
+        self._wake()
 
-    def _maybe_close(self) -> None:
-        if self._done_feeding and self.pending == 0:
-            self._send.close()
+    async def next(self) -> Result | None:
+        """The next result, or None after the last."""
+        while not self._results:
+            if self._done_feeding and self.pending == 0:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.room.release()
+        return self._results.popleft()
+
+    def reader_gone(self) -> None:
+        self._gone = True
+        for _ in self._results:
+            self.room.release()
+        self._results.clear()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class PoolStream:
