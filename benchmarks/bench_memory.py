@@ -122,6 +122,7 @@ def run_size(lines: int, driver: str, folder: Path, rss_limit_mib: float) -> dic
 def run(sizes: list[int], driver: str | None = None, rss_limit_mib: float = 4096) -> dict[str, Any]:
     """Every size, smallest first; returns the figures."""
     driver = driver or ("cli" if cli_available() else "map")
+    where = machine()  # before the runs: the code they load is the code of this moment
     rows = []
     with tempfile.TemporaryDirectory(prefix="scheduler-bench-memory-") as folder:
         for lines in sizes:
@@ -129,7 +130,7 @@ def run(sizes: list[int], driver: str | None = None, rss_limit_mib: float = 4096
             print(table(rows[-1:], COLUMNS), flush=True)
             if rows[-1]["exit_code"] != 0:
                 print(rows[-1]["stderr_tail"], file=sys.stderr)
-    return {"driver": driver, "machine": machine(), "rows": rows}
+    return {"driver": driver, "machine": where, "rows": rows}
 
 
 COLUMNS = ("driver", "lines", "written", "exit_code", "wall_s", "req_per_s", "peak_rss_mib", "killed_over_limit")
