@@ -25,6 +25,7 @@ _TOKENS_PER_NAME = 1
 _REPLY_PRIMING = 3
 # An image part, counted at the low-detail price: exact image accounting needs the image's size.
 _IMAGE_TOKENS = 85
+_CACHED_TEXT_CHARS = 4096
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
 _CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada")
 
@@ -57,9 +58,13 @@ def _load_encoder(name: str) -> Callable[[str], int] | None:
     encode = encoding.encode_ordinary
 
     @functools.lru_cache(maxsize=4096)
-    def count(text: str) -> int:
-        # Cached: bulk inputs repeat the same system prompt on every line.
+    def count_short(text: str) -> int:
         return len(encode(text))
+
+    def count(text: str) -> int:
+        # Short texts are cached: bulk inputs repeat the same system prompt on every line. Long ones are not:
+        # they rarely repeat, and 4,096 of them would keep megabytes of prompts alive.
+        return count_short(text) if len(text) <= _CACHED_TEXT_CHARS else len(encode(text))
 
     return count
 
