@@ -94,7 +94,8 @@ def _dollars(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (shared with the distributed commands)."""
     try:
         value = int(text)
     except ValueError:
@@ -121,10 +122,10 @@ def _parser(*, with_mock_options: bool) -> argparse.ArgumentParser:
     add("input", type=Path, help="requests, one JSON object a line")
     add("-o", "--output", type=Path, required=True, help="results file (appended to; resumed from)")
     add("--model", default=DEFAULT_MODEL, help=f"model of requests that name none (default {DEFAULT_MODEL})")
-    add("--rpm", type=_positive, help="requests per minute to stay under (default: the API's headers)")
-    add("--tpm", type=_positive, help="tokens per minute to stay under (default: the API's headers)")
-    add("--workers", type=_positive, default=64, help="most requests in flight (default 64)")
-    add("--max-attempts", type=_positive, default=6, help="attempts per request (default 6)")
+    add("--rpm", type=positive_int, help="requests per minute to stay under (default: the API's headers)")
+    add("--tpm", type=positive_int, help="tokens per minute to stay under (default: the API's headers)")
+    add("--workers", type=positive_int, default=64, help="most requests in flight (default 64)")
+    add("--max-attempts", type=positive_int, default=6, help="attempts per request (default 6)")
     add("--base-url", help="API base URL (default: OPENAI_BASE_URL, else OpenAI's)")
     add("--mock", action="store_true",
         help="run against the built-in mock server (no key needed); --rpm/--tpm set its limits")

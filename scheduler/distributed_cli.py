@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli import positive_int
 from .errors import ConfigurationError
 from .logs import configure_logging, register_secret
 
@@ -47,15 +48,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     add = worker.add_argument
     add("--base-url", help="API base URL (default: OPENAI_BASE_URL, else OpenAI's)")
     add("--model", default=DEFAULT_MODEL, help=f"model of requests that name none (default {DEFAULT_MODEL})")
-    add("--rpm", type=_positive, help="requests per minute, for all workers together")
-    add("--tpm", type=_positive, help="tokens per minute, for all workers together")
-    add("--workers", type=_positive, default=64, help="most requests in flight in this worker (default 64)")
-    add("--max-attempts", type=_positive, default=6, help="attempts per request (default 6)")
+    add("--rpm", type=positive_int, help="requests per minute, for all workers together")
+    add("--tpm", type=positive_int, help="tokens per minute, for all workers together")
+    add("--workers", type=positive_int, default=64, help="most requests in flight in this worker (default 64)")
+    add("--max-attempts", type=positive_int, default=6, help="attempts per request (default 6)")
     add("--burst", action="store_true", help="exit once the stream is drained instead of waiting for more")
     add("--claim-idle", type=_seconds, default=120.0, metavar="SECONDS",
         help="take over a dead worker's requests once idle this long (default 120; living workers keep "
         "theirs fresh)")
-    add("--max-deliveries", type=_positive, default=5, metavar="N",
+    add("--max-deliveries", type=positive_int, default=5, metavar="N",
         help="dead-letter a request delivered more than N times (default 5)")
     add("-v", "--verbose", action="store_true", help="also log retries and other info events")
     worker.set_defaults(handler=_worker)
@@ -78,16 +79,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis", required=True, metavar="URL", help="Redis URL, e.g. redis://host:6379/0")
     parser.add_argument("--stream", default=DEFAULT_STREAM,
                         help=f"name of the run (its Redis keys are {{NAME}}:...; default {DEFAULT_STREAM})")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _seconds(text: str) -> float:

@@ -20,13 +20,12 @@ async def test_leaving_the_pool_waits_for_every_submitted_job() -> None:
     clock = FakeClock()
     transport = FakeTransport(clock=clock)
     results: list[scheduler.Result] = []
-    async with clock.autojump():
-        async with scheduler.Pool(transport=transport, clock=clock, model="m",
-                                  limits=scheduler.Limits(rpm=60)) as pool:
-            for i in range(3):
-                asyncio.ensure_future(pool.submit(f"q{i}", max_tokens=5)).add_done_callback(
-                    lambda f: results.append(f.result()))
-            await asyncio.sleep(0)
+    async with clock.autojump(), scheduler.Pool(transport=transport, clock=clock, model="m",
+                              limits=scheduler.Limits(rpm=60)) as pool:
+        for i in range(3):
+            asyncio.ensure_future(pool.submit(f"q{i}", max_tokens=5)).add_done_callback(
+                lambda f: results.append(f.result()))
+        await asyncio.sleep(0)
         # The pool paced them a second apart, and did not close before the last one.
     assert transport.sent_at == [0.0, 1.0, 2.0]
     assert pool.statistics().succeeded == 3
