@@ -19,7 +19,7 @@ from .pool import Fallback as Fallback
 from .pool import Pool as Pool
 from .pool import PoolStatistics as PoolStatistics
 from .pool import PoolStream as PoolStream
-from .pool import Request as Request
+from .requests import Request as Request
 from .results import ErrorInfo as ErrorInfo
 from .results import Result as Result
 from .results import Usage as Usage

@@ -40,11 +40,12 @@ import redis.asyncio
 import redis.exceptions
 import structlog
 
-from .batch import STOPPED_CODES, parse_line, read_lines, scan_output
 from .errors import ConfigurationError
+from .jsonl import STOPPED_CODES, parse_line, read_lines, scan_output
 from .logs import redact
-from .pool import CHAT, Pool
+from .pool import Pool
 from .redis_limiter import safe_url
+from .requests import CHAT
 from .results import ErrorInfo, Result
 from .sinks import batch_line
 
@@ -209,7 +210,7 @@ async def enqueue(
     """Put every request of the JSONL file at ``path`` on the stream, skipping custom_ids enqueued or done.
 
     Lines are the Batch API request format, bare request bodies, or ``{"prompt": ...}`` lines (see
-    :mod:`scheduler.batch`); a line without a ``custom_id`` is named ``line-N``. Invalid lines become error
+    :mod:`scheduler.jsonl`); a line without a ``custom_id`` is named ``line-N``. Invalid lines become error
     results at once. Each line is one atomic script, sent ``batch`` at a time: memory stays bounded.
 
     Args:

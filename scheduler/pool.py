@@ -32,6 +32,7 @@ from .cost import ModelPrice, PriceTable
 from .limits import ClockedLimiter, Limiter, Limits
 from .logs import redact, register_secret
 from .queue import JobQueue
+from .requests import Request, build_body
 from .results import ErrorInfo, Result, Usage
 from .retry import Backoff, Outcome, classify, error_code, retry_after_s
 from .sinks import Sink
@@ -41,11 +42,10 @@ from .transport import OpenAITransport, Response, Transport, TransportFailure
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
-__all__ = ["Fallback", "Pool", "PoolStatistics", "PoolStream", "Request"]
+__all__ = ["Fallback", "Pool", "PoolStatistics", "PoolStream"]
 
 log = structlog.get_logger("scheduler")
 
-CHAT = "/v1/chat/completions"
 # Prompts longer than this are tokenized in a thread, off the event loop.
 _THREAD_ESTIMATE_CHARS = 100_000
 
@@ -62,21 +62,6 @@ _ERROR_CLASSES: dict[str, type[errors.JobError]] = {
         errors.BudgetExhausted,
     )
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request with its scheduling attributes, for :meth:`Pool.map` (``submit`` takes them as keywords)."""
-
-    body: Mapping[str, Any]
-    endpoint: str = CHAT
-    custom_id: str | None = None
-    #: lower runs first
-    priority: int = 0
-    #: seconds from submission until the job fails with DeadlineExceeded
-    timeout_s: float | None = None
-    #: use the response cache: True always, False never, None when deterministic (temperature 0, embeddings)
-    cacheable: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -594,24 +579,7 @@ class Pool:
         self, request: str | Sequence[Mapping[str, Any]] | Mapping[str, Any], endpoint: str | None,
         extra: Mapping[str, Any],
     ) -> tuple[str, dict[str, Any]]:
-        if isinstance(request, str):
-            body: dict[str, Any] = {"messages": [{"role": "user", "content": request}]}
-        elif isinstance(request, Mapping):
-            body = dict(request)
-        elif isinstance(request, Sequence):
-            body = {"messages": list(request)}
-        else:
-            raise errors.ConfigurationError(
-                f"a request is a prompt string, a list of messages or a body dict, not {type(request).__name__}"
-            )
-        body.update(extra)
-        if "model" not in body:
-            if self.model is None:
-                raise errors.ConfigurationError("no model: pass model= to Pool or put 'model' in the request body")
-            body["model"] = self.model
-        if endpoint is None:
-            endpoint = _infer_endpoint(body)
-        return endpoint, body
+        return build_body(request, endpoint, extra, self.model)
 
     async def _new_job(
         self, endpoint: str, body: dict[str, Any], custom_id: str | None, priority: int, timeout_s: float | None,
@@ -1217,17 +1185,6 @@ def _limit_scope(client: Any, model: str | None) -> str:
     key = str(getattr(client, "api_key", "") or "")
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     return f"{getattr(client, 'base_url', '')}|{fingerprint}|{model or ''}"
-
-
-def _infer_endpoint(body: Mapping[str, Any]) -> str:
-    if "messages" in body:
-        return CHAT
-    if "input" in body:
-        model = str(body.get("model", ""))
-        return "/v1/embeddings" if "embed" in model else "/v1/responses"
-    if "prompt" in body:
-        return "/v1/completions"
-    raise errors.ConfigurationError("cannot tell the endpoint of a body without 'messages': pass endpoint=")
 
 
 def _describe(response: Response) -> str:

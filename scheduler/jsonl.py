@@ -24,12 +24,11 @@ from typing import IO, Any
 import orjson
 import structlog
 
-from .pool import Request
+from .requests import CHAT, ENDPOINTS, Request, infer_endpoint
 from .results import ErrorInfo, Result
 from .sinks import batch_line
 
 __all__ = [
-    "ENDPOINTS",
     "MAX_LINE_BYTES",
     "STOPPED_CODES",
     "IdSet",
@@ -47,11 +46,6 @@ __all__ = [
 
 log = structlog.get_logger("scheduler")
 
-#: the Batch API's endpoints
-ENDPOINTS = frozenset(
-    {"/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions", "/v1/moderations"}
-)
-CHAT = "/v1/chat/completions"
 #: a line longer than this is refused unread: a runaway line must not take the memory with it
 MAX_LINE_BYTES = 10 * 2**20
 #: error codes of jobs that were never (fully) run because the run stopped: they stay undone for the next run
@@ -231,10 +225,8 @@ def _batch_request(line: dict[str, Any]) -> tuple[str, dict[str, Any] | None, st
 
 def _bare_request(line: dict[str, Any]) -> tuple[str, dict[str, Any] | None, str | None]:
     body = {key: value for key, value in line.items() if key not in _RESERVED}
-    if "messages" in body:
-        return CHAT, body, None
-    if "input" in body:
-        return ("/v1/embeddings" if "embed" in str(body.get("model", "")) else "/v1/responses"), body, None
+    if "messages" in body or "input" in body:
+        return str(infer_endpoint(body)), body, None
     if "prompt" in body:
         prompt = body.pop("prompt")
         if not isinstance(prompt, str) or not prompt:

@@ -1,6 +1,6 @@
-"""The command line: ``scheduler run`` (a resumable bulk run of a JSONL file) and ``scheduler mock-server``.
+"""``scheduler run``: a resumable bulk run of a JSONL file through a pool, with live progress.
 
-Exit codes of ``run``: 0 every request succeeded, 1 some failed, 2 unusable input or arguments, 3 a run-fatal
+Exit codes: 0 every request succeeded, 1 some failed, 2 unusable input or arguments, 3 a run-fatal
 error (quota, a refused key) stopped the run, 130 interrupted (Ctrl-C). A stopped run resumes when the same
 command runs again.
 """
@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 import anyio
 import structlog
 
-from .batch import (
+from ..errors import SchedulerError
+from ..jsonl import (
     STOPPED_CODES,
     IdSet,
     OutputWriter,
@@ -35,21 +36,21 @@ from .batch import (
     scan_input,
     scan_output,
 )
-from .errors import SchedulerError
-from .logs import configure_logging, register_secret
-from .pool import Pool, Request
-from .progress import Progress, RunCounts
-from .tokens import TokenEstimator, output_reservation
+from ..logs import configure_logging
+from ..pool import Pool
+from ..progress import Progress, RunCounts
+from ..requests import Request
+from ..tokens import TokenEstimator, output_reservation
+from .options import DEFAULT_MODEL, UsageError, api_settings, dollars, positive_int
 
 if TYPE_CHECKING:
-    from .results import Result
-    from .transport import Response, StreamResponse, Transport
+    from ..results import Result
+    from ..transport import Response, StreamResponse, Transport
 
-__all__ = ["main"]
+__all__ = ["add_parser"]
 
 log = structlog.get_logger("scheduler")
 
-DEFAULT_MODEL = "gpt-4o-mini"
 # --mock without --rpm/--tpm: limits far above what one process sends, and a small, realistic latency.
 _MOCK_RPM = 30_000
 _MOCK_TPM = 50_000_000
@@ -60,57 +61,8 @@ _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _READ_AHEAD = 1024
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``scheduler`` command.
-
-    Called without ``argv`` (as the command) it ends the process as soon as the output is flushed, skipping
-    the interpreter's teardown (about half a second with the SDK loaded); with ``argv`` it returns the code.
-    """
-    arguments = sys.argv[1:] if argv is None else argv
-    parser = _parser(with_mock_options=arguments[:1] == ["mock-server"])
-    args = parser.parse_args(arguments)
-    if args.command == "mock-server":
-        return _mock_server(parser, args)
-    try:
-        code = _run(args) if args.command == "run" else int(args.handler(args))
-    except KeyboardInterrupt:
-        # Ctrl-C while reading the files or starting up: nothing was sent.
-        print("scheduler: interrupted before any request was sent", file=sys.stderr)
-        code = 130
-    if argv is None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-def _dollars(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of dollars: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (shared with the distributed commands)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _parser(*, with_mock_options: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scheduler",
-        description="Push many requests through an OpenAI-compatible API within its rate limits.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``run`` to the ``scheduler`` command."""
     run = commands.add_parser(
         "run",
         help="run a JSONL file of requests; resumable",
@@ -131,7 +83,7 @@ def _parser(*, with_mock_options: bool) -> argparse.ArgumentParser:
         help="run against the built-in mock server (no key needed); --rpm/--tpm set its limits")
     add("--redis", metavar="URL",
         help="share --rpm/--tpm with every process and host that uses this Redis (one budget)")
-    add("--budget", type=_dollars, metavar="USD",
+    add("--budget", type=dollars, metavar="USD",
         help="stop admitting before spending could pass this many US dollars; a later run resumes the rest")
     add("--prices", type=Path, metavar="FILE", help="JSON prices per model, adding to the built-in list prices")
     add("--cache", metavar="PATH",
@@ -141,38 +93,10 @@ def _parser(*, with_mock_options: bool) -> argparse.ArgumentParser:
         help="a model to try when a request's model fails for good (404, retries exhausted); repeatable")
     add("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
     add("-v", "--verbose", action="store_true", help="also log retries and other info events")
-
-    mock = commands.add_parser("mock-server", help="run the built-in OpenAI-compatible mock server")
-    mock.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    mock.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
-    if with_mock_options:
-        # Only when asked for: importing the mock server (aiohttp's web part) would slow every other command.
-        from .mock import add_mock_arguments
-
-        add_mock_arguments(mock)
-    from .distributed_cli import add_subcommands  # cheap: the heavy imports happen inside the handlers
-
-    add_subcommands(commands)
-    return parser
-
-
-def _mock_server(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .mock import config_from_args, serve
-
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, args.host, args.port))
-    return 0
+    run.set_defaults(handler=_run)
 
 
 # ---------------------------------------------------------------------------------------------- run
-
-
-class _UsageError(Exception):
-    """Unusable input or arguments: exit 2."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         plan = _plan(args)
         prior = scan_output(plan.output)
         scan = scan_input(plan.input, prior.done)
-    except (_UsageError, OSError) as exc:
+    except (UsageError, OSError) as exc:
         print(f"scheduler run: error: {exc}", file=sys.stderr)
         return 2
     if scan.duplicates:
@@ -258,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         try:
             asyncio.run(_execute(plan, writer, state, progress))
-        except (_UsageError, SchedulerError) as exc:
+        except (UsageError, SchedulerError) as exc:
             # Found at start-up, before any request: a bad prices file, an unreachable Redis.
             print(f"scheduler run: error: {exc}", file=sys.stderr)
             return 2
@@ -290,32 +214,28 @@ def _drop_deferred(_logger: Any, _method: str, event: MutableMapping[str, Any]) 
 def _plan(args: argparse.Namespace) -> _Plan:
     if args.mock:
         if args.base_url:
-            raise _UsageError("--mock runs its own server: leave out --base-url")
+            raise UsageError("--mock runs its own server: leave out --base-url")
         key, base_url = _MOCK_KEY, None
     else:
-        key = os.environ.get("OPENAI_API_KEY", "")
-        if not key:
-            raise _UsageError("set OPENAI_API_KEY to your API key (or try the built-in mock server: --mock)")
-        register_secret(key)
-        base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        key, base_url = api_settings(args.base_url)
     source: Path = args.input
     output: Path = args.output
     if not source.is_file():
-        raise _UsageError(f"no such input file (or not a regular file): {source}")
+        raise UsageError(f"no such input file (or not a regular file): {source}")
     if output.is_dir():
-        raise _UsageError(f"the output is a directory: {output}")
+        raise UsageError(f"the output is a directory: {output}")
     if not output.parent.is_dir():
-        raise _UsageError(f"the output's directory does not exist: {output.parent}")
+        raise UsageError(f"the output's directory does not exist: {output.parent}")
     if output.exists() and output.resolve() == source.resolve():
-        raise _UsageError("the output file is the input file")
+        raise UsageError("the output file is the input file")
     if args.redis and not (args.rpm or args.tpm):
-        raise _UsageError("--redis shares the limits: give --rpm and/or --tpm (for all processes together)")
+        raise UsageError("--redis shares the limits: give --rpm and/or --tpm (for all processes together)")
     if args.redis and args.mock:
-        raise _UsageError("--redis with --mock: each run would have its own mock server; use --base-url")
+        raise UsageError("--redis with --mock: each run would have its own mock server; use --base-url")
     if args.cache == "redis" and not args.redis:
-        raise _UsageError("--cache redis keeps the cache in the --redis server: give --redis URL")
+        raise UsageError("--cache redis keeps the cache in the --redis server: give --redis URL")
     if args.prices is not None and not args.prices.is_file():
-        raise _UsageError(f"no such prices file: {args.prices}")
+        raise UsageError(f"no such prices file: {args.prices}")
     return _Plan(source, output, args.model, key, base_url, args.mock, args.rpm, args.tpm, args.workers,
                  args.max_attempts, args.redis, args.budget, args.prices, args.cache, tuple(args.fallback),
                  args.metrics_port)
@@ -353,13 +273,13 @@ async def _execute(plan: _Plan, writer: OutputWriter, state: _State, progress: P
     """Run the requests not done yet through a pool, writing each result as it completes."""
     from openai import AsyncOpenAI, DefaultAioHttpClient  # here: the SDK's import is most of the start-up
 
-    from .limits import Limits
-    from .transport import OpenAITransport
+    from ..limits import Limits
+    from ..transport import OpenAITransport
 
     async with contextlib.AsyncExitStack() as stack:
         base_url = plan.base_url
         if plan.mock:
-            from .mock import MockConfig, MockServer
+            from ..mock import MockConfig, MockServer
 
             config = MockConfig(
                 rpm=plan.rpm or _MOCK_RPM, tpm=plan.tpm or _MOCK_TPM, latency_ms=_MOCK_LATENCY_MS
@@ -369,7 +289,7 @@ async def _execute(plan: _Plan, writer: OutputWriter, state: _State, progress: P
         stack.push_async_callback(client.close)
         cache: Any = plan.cache
         if cache == "redis":
-            from .cache import RedisCache
+            from ..cache import RedisCache
 
             assert plan.redis is not None  # checked in _plan
             cache = RedisCache(plan.redis)
@@ -386,7 +306,7 @@ async def _execute(plan: _Plan, writer: OutputWriter, state: _State, progress: P
                 fallbacks=plan.fallbacks,
             )
         except SchedulerError as exc:
-            raise _UsageError(str(exc)) from exc
+            raise UsageError(str(exc)) from exc
         pool.estimator = _WarmEstimator(pool.estimator.default_output_tokens, state.tokenizer_ready)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows: Ctrl-C stops at once
@@ -397,7 +317,7 @@ async def _execute(plan: _Plan, writer: OutputWriter, state: _State, progress: P
             with state.hard_stop:
                 async with pool, anyio.create_task_group() as tasks:
                     if plan.metrics_port is not None:
-                        from .metrics import serve_metrics
+                        from ..metrics import serve_metrics
 
                         metrics = await serve_metrics(pool, plan.metrics_port)
                         stack.push_async_callback(metrics.aclose)

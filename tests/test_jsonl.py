@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from scheduler.batch import (
+from scheduler.jsonl import (
     IdSet,
     InputLine,
     OutputWriter,

@@ -1,7 +1,7 @@
 """The distributed commands: ``scheduler enqueue``, ``scheduler worker`` and ``scheduler collect``.
 
-:func:`add_subcommands` adds them to the ``scheduler`` command's subparsers; each sets ``handler``, a function
-of the parsed arguments that returns the exit code: 0 done (a worker: drained with ``--burst``, or stopped by
+:func:`add_parser` adds them to the ``scheduler`` command; each sets ``handler``, a function of the parsed
+arguments that returns the exit code: 0 done (a worker: drained with ``--burst``, or stopped by
 SIGINT/SIGTERM after its requests in flight), 2 unusable input, arguments or Redis, 3 (worker) a run-fatal error
 (quota, a refused key) stopped it, leaving its requests pending for another worker.
 """
@@ -11,22 +11,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import positive_int
-from .errors import ConfigurationError
-from .logs import configure_logging, register_secret
+from ..errors import ConfigurationError
+from ..logs import configure_logging
+from .options import DEFAULT_MODEL, UsageError, api_settings, fail, positive_int, seconds
 
-__all__ = ["add_subcommands"]
+__all__ = ["add_parser"]
 
 DEFAULT_STREAM = "scheduler"
-DEFAULT_MODEL = "gpt-4o-mini"
 
 
-def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``enqueue``, ``worker`` and ``collect`` to ``subparsers``; each sets ``handler(args) -> int``."""
     enqueue = subparsers.add_parser(
         "enqueue", help="put a JSONL file of requests on a Redis Stream, for workers on any host",
@@ -53,7 +50,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     add("--workers", type=positive_int, default=64, help="most requests in flight in this worker (default 64)")
     add("--max-attempts", type=positive_int, default=6, help="attempts per request (default 6)")
     add("--burst", action="store_true", help="exit once the stream is drained instead of waiting for more")
-    add("--claim-idle", type=_seconds, default=120.0, metavar="SECONDS",
+    add("--claim-idle", type=seconds, default=120.0, metavar="SECONDS",
         help="take over a dead worker's requests once idle this long (default 120; living workers keep "
         "theirs fresh)")
     add("--max-deliveries", type=positive_int, default=5, metavar="N",
@@ -70,7 +67,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     what = collect.add_mutually_exclusive_group(required=True)
     what.add_argument("-o", "--output", type=Path, help="results file (appended to; ids already there skipped)")
     what.add_argument("--status", action="store_true", help="print enqueued/done/in progress/waiting/dead counts")
-    collect.add_argument("--watch", type=_seconds, metavar="SECONDS",
+    collect.add_argument("--watch", type=seconds, metavar="SECONDS",
                          help="with --status: print again every SECONDS until every request is done")
     collect.set_defaults(handler=_collect)
 
@@ -81,27 +78,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help=f"name of the run (its Redis keys are {{NAME}}:...; default {DEFAULT_STREAM})")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _fail(command: str, message: str) -> int:
-    print(f"scheduler {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _enqueue(args: argparse.Namespace) -> int:
-    from .distributed import connect, enqueue
+    from ..distributed import connect, enqueue
 
     configure_logging(level=logging.WARNING)
     if not args.input.is_file():
-        return _fail("enqueue", f"no such input file: {args.input}")
+        return fail("enqueue", f"no such input file: {args.input}")
 
     async def main() -> Any:
         client = await connect(args.redis)
@@ -113,38 +95,38 @@ def _enqueue(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(main())
     except ConfigurationError as exc:
-        return _fail("enqueue", str(exc))
+        return fail("enqueue", str(exc))
     print(f"enqueued {report.added:,}, skipped {report.skipped:,} already enqueued or done, "
           f"{report.invalid:,} invalid line(s) stored as error results (stream {args.stream})")
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .distributed import WorkerOptions, run_worker
-    from .limits import Limits
+    from ..distributed import WorkerOptions, run_worker
+    from ..limits import Limits
 
     configure_logging(level=logging.INFO if args.verbose else logging.WARNING)
-    key = os.environ.get("OPENAI_API_KEY", "")
-    if not key:
-        return _fail("worker", "set OPENAI_API_KEY to your API key")
-    register_secret(key)
+    try:
+        key, base_url = api_settings(args.base_url)
+    except UsageError as exc:
+        return fail("worker", str(exc))
     if args.rpm is None and args.tpm is None:
-        return _fail("worker", "give the shared limits: --rpm and/or --tpm (for all workers together)")
+        return fail("worker", "give the shared limits: --rpm and/or --tpm (for all workers together)")
     try:
         options = WorkerOptions(burst=args.burst, claim_idle_s=args.claim_idle, max_deliveries=args.max_deliveries)
         code: int = asyncio.run(run_worker(
-            args.redis, stream=args.stream, base_url=args.base_url or os.environ.get("OPENAI_BASE_URL") or None,
+            args.redis, stream=args.stream, base_url=base_url,
             api_key=key, model=args.model, limits=Limits(rpm=args.rpm, tpm=args.tpm), workers=args.workers,
             max_attempts=args.max_attempts, options=options,
         ))
     except ConfigurationError as exc:
-        return _fail("worker", str(exc))
+        return fail("worker", str(exc))
     except BaseExceptionGroup as group:
         # Redis lost for good mid-run surfaces through the pool's task group.
         found, _ = group.split(ConfigurationError)
         if found is None:
             raise
-        return _fail("worker", "; ".join(str(exc) for exc in _leaves(found)))
+        return fail("worker", "; ".join(str(exc) for exc in _leaves(found)))
     return code
 
 
@@ -156,11 +138,11 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from .distributed import collect, connect, status
+    from ..distributed import collect, connect, status
 
     configure_logging(level=logging.WARNING)
     if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
-        return _fail("collect", f"cannot write {args.output}")
+        return fail("collect", f"cannot write {args.output}")
 
     async def main() -> int:
         client = await connect(args.redis)
@@ -181,6 +163,6 @@ def _collect(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(main())
     except ConfigurationError as exc:
-        return _fail("collect", str(exc))
+        return fail("collect", str(exc))
     except KeyboardInterrupt:
         return 130
