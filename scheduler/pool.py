@@ -121,6 +121,8 @@ class PoolStatistics:
     cache_saved_usd: float = 0.0
     #: times a job moved on to a fallback model
     fallbacks: int = 0
+    #: times a 429 paused all dispatch
+    pauses: int = 0
 
 
 class _Job:
@@ -338,7 +340,7 @@ class Pool:
         self._reserved_usd = 0.0
         self._reserved_jobs = 0
         self._budget_freed: asyncio.Event | None = None
-        self._cache_hits = self._cache_misses = self._fallbacks_used = 0
+        self._cache_hits = self._cache_misses = self._fallbacks_used = self._pauses = 0
         self._cache_saved_usd = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -567,6 +569,7 @@ class Pool:
             cache_misses=self._cache_misses,
             cache_saved_usd=self._cache_saved_usd,
             fallbacks=self._fallbacks_used,
+            pauses=self._pauses,
         )
 
     def stop(self, reason: str = "stopped by the caller") -> None:
@@ -945,12 +948,16 @@ class Pool:
         until = self._clock.now() + delay
         if until > self._pause_until:
             self._pause_until = until
-            log.warning("dispatch_paused", delay_s=round(delay, 3), reason="rate_limited")
+            self._pauses += 1
+            # Info, not a warning: pausing on a 429 is the pool doing its job; statistics().pauses counts them.
+            log.info("dispatch_paused", delay_s=round(delay, 3), reason="rate_limited")
 
     def _stop(self, error: errors.RunStopped) -> None:
         if self._stopped is None:
             self._stopped = error
-            log.error("run_stopped", reason=str(error), code=error.code)
+            # A stop the caller asked for (Ctrl-C in the CLI) is no error.
+            level = log.warning if type(error) is errors.RunStopped else log.error
+            level("run_stopped", reason=str(error), code=error.code)
 
     async def _retry_or_fail(
         self, job: _Job, response: Response | None, delay: float | None, reason: str, streamed: bool
