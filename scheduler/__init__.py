@@ -14,11 +14,9 @@ from .errors import RequestTooLarge as RequestTooLarge
 from .errors import RetriesExhausted as RetriesExhausted
 from .errors import RunStopped as RunStopped
 from .errors import SchedulerError as SchedulerError
+from .fallbacks import Fallback as Fallback
 from .limits import Limits as Limits
-from .pool import Fallback as Fallback
 from .pool import Pool as Pool
-from .pool import PoolStatistics as PoolStatistics
-from .pool import PoolStream as PoolStream
 from .requests import Request as Request
 from .results import ErrorInfo as ErrorInfo
 from .results import Result as Result
@@ -27,6 +25,8 @@ from .retry import Backoff as Backoff
 from .sinks import CallbackSink as CallbackSink
 from .sinks import JsonlSink as JsonlSink
 from .sinks import MemorySink as MemorySink
+from .statistics import PoolStatistics as PoolStatistics
+from .streaming import PoolStream as PoolStream
 
 try:
     __version__ = version("llm-request-scheduler")

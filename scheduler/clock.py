@@ -1,19 +1,31 @@
-"""Time as a parameter: the pool reads time and sleeps only through a :class:`Clock`, so tests can replace it."""
+"""Time as a parameter: the pool reads time, sleeps and sets timers only through a :class:`Clock`, so tests can
+replace it (see :class:`scheduler.testing.FakeClock`)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Clock", "LoopClock"]
+__all__ = ["Clock", "LoopClock", "Timer"]
+
+
+class Timer(Protocol):
+    """A callback set for a time; ``cancel()`` keeps it from running."""
+
+    def cancel(self) -> None: ...
 
 
 class Clock(Protocol):
-    """Monotonic seconds and a sleep that honours them."""
+    """Monotonic seconds, a sleep that honours them, and timers on the same time line."""
 
     def now(self) -> float: ...
 
     async def sleep(self, seconds: float) -> None: ...
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
+        """Run ``callback()`` on the event loop once the clock reads ``when``."""
+        ...
 
 
 class LoopClock:
@@ -30,3 +42,6 @@ class LoopClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
+        return asyncio.get_running_loop().call_at(when, callback)

@@ -1,4 +1,4 @@
-"""The exceptions scheduler raises, all rooted at :class:`SchedulerError`.
+"""The exceptions scheduler raises, all rooted at :class:`SchedulerError`, and every error code a result can carry.
 
 ::
 
@@ -7,16 +7,23 @@
     ├── PoolClosed                  submit() on a pool that is not running
     └── JobError                    one job failed; ``.result`` is its error Result
         ├── RequestRejected         the API refused the request itself (400, 404, 413, 422, x-should-retry: false)
-        ├── RequestTooLarge         the request alone needs more tokens than the whole token limit
-        ├── RetriesExhausted        retryable failures (429, 5xx, timeouts, dropped connections) up to max_attempts
+        ├── RequestTooLarge         the request alone needs more tokens than the whole token limit or context window
+        ├── RetriesExhausted        retryable failures (5xx, timeouts, dropped connections) up to max_attempts,
+        │                           or 429s for longer than max_rate_limited_s
+        ├── InvalidResponse         the API kept answering 200 with a body that is not its answer (HTML, wrong shape)
+        ├── StreamIncomplete        a stream broke off after its first delta was delivered
         ├── DeadlineExceeded        the job's deadline passed before it succeeded
+        ├── InternalError           an unexpected exception on the job's path (a bug, a failing sink)
         └── RunStopped              a run-fatal error stopped all admission; the job was not (or not fully) run
             ├── QuotaExhausted      429 insufficient_quota or a billing code: retrying cannot help
             ├── AuthenticationFailed 401/403: the API key was refused
-            └── BudgetExhausted     the pool's spending budget would be passed
+            ├── BudgetExhausted     the pool's spending budget would be passed
+            └── LimiterUnavailable  the shared limit (Redis) stayed unreachable past its grace period
 
-A failed job never kills a worker: it becomes an error :class:`~scheduler.Result`, which ``submit()`` raises as
-the matching ``JobError`` (or returns, with ``raise_errors=False``).
+A failed job never kills a worker: it becomes an error :class:`~scheduler.Result` whose ``error.code`` is the
+class's ``code``, which ``submit()`` raises as the matching ``JobError`` (or returns, with ``raise_errors=False``).
+Two more codes name records that no exception stands for: :data:`INVALID_REQUEST` (a bulk-run input line that is
+not a request) and :data:`DEAD_LETTERED` (a distributed request that kept failing its workers).
 """
 
 from __future__ import annotations
@@ -27,11 +34,17 @@ if TYPE_CHECKING:
     from .results import Result
 
 __all__ = [
+    "DEAD_LETTERED",
+    "INVALID_REQUEST",
+    "STOPPED_CODES",
     "AuthenticationFailed",
     "BudgetExhausted",
     "ConfigurationError",
     "DeadlineExceeded",
+    "InternalError",
+    "InvalidResponse",
     "JobError",
+    "LimiterUnavailable",
     "PoolClosed",
     "QuotaExhausted",
     "RequestRejected",
@@ -39,6 +52,8 @@ __all__ = [
     "RetriesExhausted",
     "RunStopped",
     "SchedulerError",
+    "StreamIncomplete",
+    "error_for",
 ]
 
 
@@ -72,21 +87,44 @@ class RequestRejected(JobError):
 
 
 class RequestTooLarge(JobError):
-    """Raised when a request's token estimate exceeds the whole token limit, so it could never be admitted."""
+    """Raised when a request's token estimate exceeds the whole token limit (or the model's context window), so
+    it could never be admitted."""
 
     code = "request_too_large"
 
 
 class RetriesExhausted(JobError):
-    """Raised when a job failed with retryable errors on every one of its ``max_attempts``."""
+    """Raised when a job failed with retryable errors on every one of its ``max_attempts``, or kept meeting 429s
+    for longer than the pool's ``max_rate_limited_s``."""
 
     code = "retries_exhausted"
+
+
+class InvalidResponse(JobError):
+    """Raised when the API answered 200 with a body that is not its answer (an HTML page from a proxy, JSON of
+    another shape) on every attempt."""
+
+    code = "invalid_response"
+
+
+class StreamIncomplete(JobError):
+    """Raised when a stream broke off (cut, ended without a finish reason, or an error event) after text was
+    already delivered: it cannot be retried without repeating that text."""
+
+    code = "stream_incomplete"
 
 
 class DeadlineExceeded(JobError):
     """Raised when a job's deadline passed before it succeeded."""
 
     code = "deadline_exceeded"
+
+
+class InternalError(JobError):
+    """Raised when an unexpected exception (a bug, a transport or sink that raised) ended a job; the pool logs
+    its traceback once and goes on serving other jobs."""
+
+    code = "internal_error"
 
 
 class RunStopped(JobError):
@@ -111,3 +149,33 @@ class BudgetExhausted(RunStopped):
     """Raised for jobs not admitted because their cost would take spending past the pool's budget."""
 
     code = "budget_exhausted"
+
+
+class LimiterUnavailable(RunStopped):
+    """Raised when the Redis holding a shared limit stayed unreachable past its grace period: without it the
+    budget cannot be shared, so admission stops."""
+
+    code = "limiter_unavailable"
+
+
+#: a bulk-run input line that is not a request (its record says why, with the line number)
+INVALID_REQUEST = "invalid_request"
+#: a distributed request delivered too many times (it kept killing or failing its workers)
+DEAD_LETTERED = "dead_lettered"
+
+_JOB_ERRORS: dict[str, type[JobError]] = {
+    cls.code: cls
+    for cls in (
+        RequestRejected, RequestTooLarge, RetriesExhausted, InvalidResponse, StreamIncomplete, DeadlineExceeded,
+        InternalError, RunStopped, QuotaExhausted, AuthenticationFailed, BudgetExhausted, LimiterUnavailable,
+    )
+}
+
+#: codes of jobs a stop kept from running (or from finishing): a later run does them
+STOPPED_CODES = frozenset(code for code, cls in _JOB_ERRORS.items() if issubclass(cls, RunStopped))
+
+
+def error_for(result: Result) -> JobError:
+    """The exception that stands for an error result (its class by ``result.error.code``)."""
+    assert result.error is not None
+    return _JOB_ERRORS.get(result.error.code, JobError)(result.error.message, result)

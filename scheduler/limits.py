@@ -109,7 +109,9 @@ class TokenBucket:
         self.level = min(self.level, level)
 
 
-def _header_float(headers: Mapping[str, str], name: str) -> float | None:
+def _header_float(headers: Mapping[str, str], name: str, *, positive: bool) -> float | None:
+    """A header's number; None when absent or unusable (garbage, NaN, infinite, negative; 0 where a limit is
+    read: a limit of 0 is no limit anyone could keep, so it says nothing)."""
     value = headers.get(name)
     if value is None:
         return None
@@ -117,7 +119,9 @@ def _header_float(headers: Mapping[str, str], name: str) -> float | None:
         number = float(value)
     except ValueError:
         return None
-    return number if math.isfinite(number) else None
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        return None
+    return number
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +137,13 @@ class HeaderLimits:
 def parse_limit_headers(headers: Mapping[str, str]) -> HeaderLimits:
     """Read ``x-ratelimit-limit-*`` and ``x-ratelimit-remaining-*`` (reset times are not used: they say
     when a bucket is full again, not when the next request fits)."""
+    limit_requests = _header_float(headers, "x-ratelimit-limit-requests", positive=True)
+    limit_tokens = _header_float(headers, "x-ratelimit-limit-tokens", positive=True)
     return HeaderLimits(
-        _header_float(headers, "x-ratelimit-limit-requests"),
-        _header_float(headers, "x-ratelimit-remaining-requests"),
-        _header_float(headers, "x-ratelimit-limit-tokens"),
-        _header_float(headers, "x-ratelimit-remaining-tokens"),
+        limit_requests,
+        _header_float(headers, "x-ratelimit-remaining-requests", positive=False) if limit_requests else None,
+        limit_tokens,
+        _header_float(headers, "x-ratelimit-remaining-tokens", positive=False) if limit_tokens else None,
     )
 
 
@@ -205,6 +211,7 @@ class LocalLimiter:
     _anchor: _Calibration | None = field(init=False, default=None)
     _first_sent: float | None = field(init=False, default=None)
     _first_acquire: bool = field(init=False, default=True)
+    _told_unknown: bool = field(init=False, default=False)
     #: a 429 halves the burst; successes widen it back
     _burst_factor: float = field(init=False, default=1.0)
 
@@ -280,12 +287,16 @@ class LocalLimiter:
             if headers is None:
                 return  # no answer: the next request probes again
             seen = parse_limit_headers(headers)
-            rpm = int(seen.limit_requests) if seen.limit_requests else None
-            tpm = int(seen.limit_tokens) if seen.limit_tokens else None
+            rpm = max(1, round(seen.limit_requests)) if seen.limit_requests else None
+            tpm = max(1, round(seen.limit_tokens)) if seen.limit_tokens else None
             if rpm is None and tpm is None:
-                log.warning("rate_limits_unknown", detail="no x-ratelimit-limit-* headers; only workers bound load")
-            else:
-                log.info("rate_limits_learned", rpm=rpm, tpm=tpm)
+                # Not "unlimited": the next answer that carries the headers sets the limits; until then, probes.
+                if not self._told_unknown:
+                    self._told_unknown = True
+                    log.warning("rate_limits_unknown", detail="no x-ratelimit-limit-* headers yet: sending one "
+                                "request at a time until an answer carries them; give limits to go faster")
+                return
+            log.info("rate_limits_learned", rpm=rpm, tpm=tpm)
             self._build(Limits(rpm=rpm, tpm=tpm), now)
             return
         if not headers:
@@ -373,9 +384,13 @@ class LocalLimiter:
             return
         self._burst_factor = max(0.25, self._burst_factor * 0.5)
         self._apply_burst(now)
-        for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
-            if bucket is not None and kind in (None, name):
-                bucket.lower_to(0.0, now)
+        for name, bucket, charge in (("requests", self.requests, 1), ("tokens", self.tokens, tokens)):
+            if bucket is not None:
+                # The refused request's charge is not owed (a large one left the bucket in debt); then the bucket
+                # the server says is empty is empty.
+                bucket.refund(charge, now)
+                if kind in (None, name):
+                    bucket.lower_to(0.0, now)
 
     def snapshot(self) -> Limits | None:
         return self.limits

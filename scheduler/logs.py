@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import structlog
 
-__all__ = ["configure_logging", "redact", "redact_secrets"]
+__all__ = ["configure_logging", "redact", "redact_secrets", "redact_value", "traceback_text"]
 
 # OpenAI keys (sk-..., sk-proj-...), bearer tokens, and key=value pairs that name a key.
 _SECRET = re.compile(
@@ -40,11 +40,30 @@ def redact(text: str) -> str:
     return _SECRET.sub(lambda m: (m.group(3) or "") + "***", text)
 
 
+def redact_value(value: Any) -> Any:
+    """``value`` (a JSON-like body) with every string in it redacted, keys included; other values as they are."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(k) if isinstance(k, str) else k: redact_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_value(item) for item in value]
+    return value
+
+
+def traceback_text(exc: BaseException) -> str:
+    """The exception's traceback as text, redacted: logged as a plain field, so no key reaches a log however the
+    application renders exceptions."""
+    import traceback
+
+    return redact("".join(traceback.format_exception(exc)))
+
+
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: redact every string value of an event."""
+    """structlog processor: redact every string of an event, nested ones and formatted tracebacks included."""
     for key, value in event_dict.items():
-        if isinstance(value, str):
-            event_dict[key] = redact(value)
+        if isinstance(value, str | dict | list):
+            event_dict[key] = redact_value(value)
     return event_dict
 
 
@@ -64,6 +83,8 @@ def configure_logging(*, json: bool | None = None, level: int = logging.INFO) ->
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # Tracebacks become text before redaction, so a key quoted in an exception is masked too.
+            structlog.processors.format_exc_info,
             redact_secrets,
             renderer,
         ],

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.live import Live
 
-    from .pool import PoolStatistics
     from .results import Result
+    from .statistics import PoolStatistics
 
 __all__ = ["Progress", "RunCounts"]
 

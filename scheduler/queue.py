@@ -61,6 +61,26 @@ class JobQueue(Generic[J]):
         if getter is not None and not getter.done():
             getter.set_result(None)
 
+    def remove(self, job: J) -> bool:
+        """Take ``job`` out of the queue wherever it is (a job that expired or was abandoned while queued);
+        False when it is not queued."""
+        for i, entry in enumerate(self._heap):
+            if entry[2] is job:
+                self._heap[i] = self._heap[-1]
+                self._heap.pop()
+                heapq.heapify(self._heap)
+                self._wake_putter()
+                return True
+        return False
+
+    def clear(self) -> list[J]:
+        """Take every job out (a stop fails them all); returns them in order."""
+        jobs = [entry[2] for entry in sorted(self._heap, key=lambda entry: entry[:2])]
+        self._heap.clear()
+        while self._putters:
+            self._wake_putter()
+        return jobs
+
     def head(self) -> J | None:
         """The next job, without taking it."""
         return self._heap[0][2] if self._heap else None

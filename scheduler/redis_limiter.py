@@ -215,8 +215,9 @@ redis.call('HINCRBYFLOAT', key, 'sr', -1)
 redis.call('HINCRBYFLOAT', key, 'st', -amount)
 bf = math.max(0.25, bf * 0.5)
 caps()
-rl = math.min(rcap, rl)
-tl = math.min(tcap, tl)
+-- The refused request's charge is not owed (a large one left the bucket in debt).
+rl = math.min(rcap, rl + 1)
+tl = math.min(tcap, tl + amount)
 if kind == '' or kind == 'requests' then rl = math.min(rl, 0) end
 if kind == '' or kind == 'tokens' then tl = math.min(tl, 0) end
 save()

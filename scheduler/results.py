@@ -29,11 +29,18 @@ class Usage:
         usage = body.get("usage")
         if not isinstance(usage, dict):
             return None
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
-        completion = usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
-        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-        cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
-        return cls(int(prompt), int(completion), int(cached or 0))
+        prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        completion = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        return cls(prompt, completion, cached)
+
+
+def _count(value: Any) -> int:
+    """A token count from a server's usage: anything but a non-negative number counts 0 (never raises)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
+        return 0
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Backoff", "Outcome", "classify", "error_code", "retry_after_s"]
+__all__ = ["Backoff", "Outcome", "answer_problem", "classify", "error_code", "retry_after_s"]
 
 # Billing codes that 429 carries when money, not rate, is the problem: retrying cannot help.
 _QUOTA_CODES = frozenset({"insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached"})
@@ -66,6 +66,28 @@ def classify(status: int, headers: Mapping[str, str], body: Any) -> Outcome:
         return Outcome.JOB_FATAL
     # Other 4xx are the request's own fault; other statuses are odd enough not to hammer the server with.
     return Outcome.JOB_FATAL
+
+
+# The list that holds the answer, by endpoint: a 200 without it is not the API's answer (a proxy's page, a health
+# check, another API's body). Endpoints not listed are not checked.
+_ANSWER_KEY = {
+    "chat/completions": "choices", "completions": "choices", "embeddings": "data", "responses": "output",
+    "moderations": "results",
+}
+
+
+def answer_problem(endpoint: str, body: Any, is_json: bool = True) -> str | None:
+    """What is wrong with a 2xx body as the answer of ``endpoint`` (None: it is one)."""
+    if not is_json:
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        return f"the API answered 200 with a body that is not JSON: {message or 'unreadable'}"
+    key = _ANSWER_KEY.get(endpoint.removeprefix("/").removeprefix("v1/"))
+    if key is None:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get(key), list):
+        found = ", ".join(sorted(map(str, body))[:8]) if isinstance(body, dict) else type(body).__name__
+        return f"the API answered 200 with JSON that is not a {endpoint} answer (no '{key}' list; found: {found})"
+    return None
 
 
 def retry_after_s(headers: Mapping[str, str], now_unix: float | None = None) -> float | None:

@@ -23,6 +23,18 @@ class Response:
     headers: Mapping[str, str]
     body: Any
     request_id: str | None = None
+    #: False when the body was not JSON (an HTML page from a proxy): ``body`` then is an error body quoting it
+    is_json: bool = True
+
+    @classmethod
+    def from_bytes(
+        cls, status: int, headers: Mapping[str, str], content: bytes, request_id: str | None = None
+    ) -> Response:
+        """The answer with its body parsed (orjson), or marked as not JSON."""
+        try:
+            return cls(status, headers, orjson.loads(content), request_id)
+        except orjson.JSONDecodeError:
+            return cls(status, headers, _not_json(content, headers), request_id, is_json=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +49,12 @@ class StreamResponse:
 
 
 class TransportFailure(Exception):
-    """No HTTP answer: the connection failed or dropped, or the request timed out. Always retryable."""
+    """No (whole) HTTP answer: the connection failed or dropped, the request timed out, or a stream carried an
+    error event. Always retryable, unless a stream had already delivered text."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        #: ``timeout`` or ``connection``
+        #: ``timeout``, ``connection`` or ``stream_error``
         self.kind = kind
 
 
@@ -61,11 +74,11 @@ def api_path(endpoint: str) -> str:
     return path[3:] if path.startswith("v1/") else path
 
 
-def _json(content: bytes) -> Any:
-    try:
-        return orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return {"error": {"message": content[:500].decode("utf-8", "replace"), "code": "invalid_json"}}
+def _not_json(content: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
+    kind = headers.get("content-type") or "no content-type"
+    excerpt = " ".join(content[:300].decode("utf-8", "replace").split())
+    return {"error": {"message": f"the answer is not JSON ({kind}): {excerpt}", "type": "invalid_response",
+                      "param": None, "code": "invalid_json"}}
 
 
 async def _no_events() -> AsyncIterator[dict[str, Any]]:
@@ -98,12 +111,12 @@ class OpenAITransport:
                 api_path(endpoint), body=body, cast_to=httpx2.Response, options=_options(timeout)
             )
         except errors.APIStatusError as exc:
-            return Response(exc.status_code, exc.response.headers, _json(exc.response.content), exc.request_id)
+            return Response.from_bytes(exc.status_code, exc.response.headers, exc.response.content, exc.request_id)
         except errors.APITimeoutError as exc:
             raise TransportFailure("timeout", "the request timed out") from exc
         except errors.APIConnectionError as exc:
             raise TransportFailure("connection", _connection_message(exc)) from exc
-        return Response(raw.status_code, raw.headers, _json(raw.content), raw.headers.get("x-request-id"))
+        return Response.from_bytes(raw.status_code, raw.headers, raw.content, raw.headers.get("x-request-id"))
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -122,9 +135,8 @@ class OpenAITransport:
                 options=_options(timeout),
             )
         except errors.APIStatusError as exc:
-            yield StreamResponse(
-                exc.status_code, exc.response.headers, _json(exc.response.content), _no_events(), exc.request_id
-            )
+            answer = Response.from_bytes(exc.status_code, exc.response.headers, exc.response.content)
+            yield StreamResponse(exc.status_code, answer.headers, answer.body, _no_events(), exc.request_id)
             return
         except errors.APITimeoutError as exc:
             raise TransportFailure("timeout", "the request timed out") from exc
@@ -137,6 +149,11 @@ class OpenAITransport:
                     yield chunk
             except (httpx2.TransportError, errors.APIConnectionError) as exc:
                 raise TransportFailure("connection", "the stream was cut off") from exc
+            except errors.APIError as exc:
+                # An SSE error event (the SDK raises APIError for a chunk carrying "error").
+                raise TransportFailure("stream_error", f"the server sent an error event: {exc.message}") from exc
+            except ValueError as exc:
+                raise TransportFailure("stream_error", f"the stream carried an unreadable event: {exc}") from exc
 
         response = stream.response
         try:

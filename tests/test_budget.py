@@ -44,29 +44,32 @@ async def test_the_budget_stops_admission_at_exactly_the_right_request() -> None
         results = await asyncio.gather(*(pool.submit(f"q{i}", max_tokens=50, custom_id=f"r{i:02}",
                                                      raise_errors=False) for i in range(60)))
         stats = pool.statistics()
-    # Each admission holds its worst case (prompt at the input price, 50 output tokens at the output price)
-    # until its real cost ($0.02) replaces it; the n-th job is admitted while (n - 1) * cost + worst <= budget.
-    worst = prompt * 0.001 + 50 * 0.002
+    # Each admission holds its worst case until its real cost ($0.02) replaces it: the prompt bounded by its
+    # text's UTF-8 bytes ("user" and "q0") plus 8 a message and 16 (no tokenizer counts more), at the input
+    # price, and 50 output tokens at the output price. The n-th job is admitted while (n - 1) * cost + worst
+    # <= budget.
+    bound = max(prompt, len("user") + len("q0") + 8 + 16)
+    worst = bound * 0.001 + 50 * 0.002
     admitted = math.floor((1.0 - worst) / COST) + 1
-    assert prompt == 9 and admitted == 45
+    assert prompt == 9 and bound == 30 and admitted == 44
     assert len(transport.calls) == admitted
     assert [r.custom_id for r in results if r.ok] == [f"r{i:02}" for i in range(admitted)]
     assert all(r.error is not None and r.error.code == "budget_exhausted" for r in results[admitted:])
     assert stats.cost_usd == pytest.approx(admitted * COST) and stats.cost_usd <= 1.0
     assert stats.reserved_usd == 0.0 and stats.budget_usd == 1.0
     assert stats.stopped is not None and "budget" in stats.stopped
-    # Reservations let several run at once: nine fit the budget at the start.
-    assert transport.sent_at[:10] == [0.0] * 9 + [1.0]
+    # Reservations let several run at once: seven fit the budget at the start.
+    assert transport.sent_at[:8] == [0.0] * 7 + [1.0]
 
 
 async def test_after_the_stop_later_jobs_fail_at_once_without_a_call() -> None:
     clock = FakeClock()
     transport = FakeTransport(lambda e, b: ok(prompt_tokens=10, completion_tokens=5), clock=clock)
-    async with clock.autojump(), make_pool(transport, clock, budget_usd=0.14) as pool:
+    async with clock.autojump(), make_pool(transport, clock, budget_usd=0.16) as pool:
         done = await asyncio.gather(*(pool.submit(f"q{i}", max_tokens=50, raise_errors=False) for i in range(5)))
         with pytest.raises(scheduler.BudgetExhausted) as caught:
             await pool.submit("later", max_tokens=50)
-    assert [r.ok for r in done] == [True, True, False, False, False]  # 0.02 + 0.109 fits in 0.14, 0.04 + 0.109 not
+    assert [r.ok for r in done] == [True, True, False, False, False]  # 0.02 + 0.13 fits in 0.16, 0.04 + 0.13 not
     assert len(transport.calls) == 2
     assert caught.value.result is not None and caught.value.code == "budget_exhausted"
 

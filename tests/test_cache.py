@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 import scheduler
 from scheduler.cache import CacheBackend, MemoryCache, SqliteCache, cache_key, is_deterministic, open_cache
-from scheduler.testing import FakeClock, FakeTransport, error, ok
+from scheduler.testing import FakeClock, FakeTransport, answer_for, error, ok
 from scheduler.transport import Response
 
 PRICES = {"gpt-4o-mini": {"input": 1000.0, "output": 2000.0}}  # usage 10 + 5 costs $0.02
@@ -31,7 +31,7 @@ def make_pool(transport: FakeTransport, clock: FakeClock, cache: Any, **kwargs: 
 
 def echo(endpoint: str, body: Mapping[str, Any]) -> Response:
     prompt = body["input"] if "input" in body else body["messages"][0]["content"]
-    return ok(f"answer to {prompt}")
+    return answer_for(endpoint, f"answer to {prompt}")
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ async def test_a_404_model_not_found_moves_on_to_the_fallback_at_once() -> None:
             result = await pool.submit("hi", max_tokens=5)
     assert models(transport) == ["gpt-4.1", "gpt-4o-mini"]
     assert result.ok and result.model == "gpt-4o-mini" and result.text == "from gpt-4o-mini"
-    assert result.attempts == 1 and pool.statistics().fallbacks == 1
+    assert result.attempts == 2 and pool.statistics().fallbacks == 1  # attempts count every model's
     assert [(e["model"], e["failed_model"]) for e in logs if e["event"] == "job_fallback"] == [
         ("gpt-4o-mini", "gpt-4.1")]
 
@@ -53,7 +53,7 @@ async def test_a_model_that_keeps_failing_falls_back_after_its_retries() -> None
     # Every model gets its own max_attempts; the body's other fields stay as they were.
     assert models(transport) == ["gpt-4.1"] * 3 + ["gpt-4.1-mini"] * 3 + ["gpt-4o-mini"]
     assert {body["max_tokens"] for _, body in transport.calls} == {5}
-    assert result.model == "gpt-4o-mini" and result.attempts == 1 and pool.statistics().fallbacks == 2
+    assert result.model == "gpt-4o-mini" and result.attempts == 7 and pool.statistics().fallbacks == 2
 
 
 async def test_a_fallback_with_its_own_client_and_limits() -> None:

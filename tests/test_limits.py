@@ -147,8 +147,10 @@ def test_marks_count_what_went_on_the_wire_not_what_was_admitted() -> None:
 
 
 def test_parse_limit_headers_ignores_garbage() -> None:
-    seen = parse_limit_headers({"x-ratelimit-limit-requests": "abc", "x-ratelimit-remaining-tokens": "12"})
-    assert seen.limit_requests is None and seen.remaining_tokens == 12
+    seen = parse_limit_headers({"x-ratelimit-limit-requests": "abc", "x-ratelimit-remaining-requests": "5",
+                                "x-ratelimit-limit-tokens": "100", "x-ratelimit-remaining-tokens": "12"})
+    assert seen.limit_requests is None and seen.remaining_requests is None  # a remaining without its limit
+    assert seen.limit_tokens == 100 and seen.remaining_tokens == 12
 
 
 @pytest.mark.parametrize("bad", [{"rpm": 0}, {"tpm": -5}, {"burst_s": 0}, {"safety": 1.0}])

@@ -1,0 +1,120 @@
+"""What a pool has done: counters kept as it works, and the snapshot :meth:`Pool.statistics` returns."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .limits import Limits
+
+__all__ = ["Counters", "PoolStatistics", "RateMeter"]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A snapshot of the pool's counters (see :meth:`Pool.statistics`)."""
+
+    submitted: int
+    queued: int
+    in_flight: int
+    succeeded: int
+    failed: int
+    #: attempts that will be (or were) made again
+    retries: int
+    #: 429 rate_limit_exceeded answers
+    rate_limited: int
+    #: HTTP attempts made, answered or not
+    attempts: int
+    prompt_tokens: int
+    completion_tokens: int
+    #: tokens charged against the token limit (our estimates, calibrated)
+    charged_tokens: int
+    #: admissions over the last 10 seconds, per minute
+    requests_per_minute: float
+    tokens_per_minute: float
+    limits: Limits | None
+    #: server tokens per token of our estimate, as learned from the headers
+    token_ratio: float
+    #: results whose output hit the cap (finish_reason "length")
+    truncated: int
+    #: US dollars spent, from usage and the price table (models without a price count nothing)
+    cost_usd: float
+    #: why admission stopped, if it did
+    stopped: str | None
+    budget_usd: float | None = None
+    #: worst-case cost held for jobs in flight, under a budget
+    reserved_usd: float = 0.0
+    #: worst-case cost of attempts that got no answer (the server may have billed them), counted against a budget
+    uncertain_usd: float = 0.0
+    #: answers served from the response cache, or shared with an identical request in flight
+    cache_hits: int = 0
+    #: cacheable requests that went to the API
+    cache_misses: int = 0
+    #: what the cache hits would have cost
+    cache_saved_usd: float = 0.0
+    #: times a job moved on to a fallback model
+    fallbacks: int = 0
+    #: times a 429 paused all dispatch
+    pauses: int = 0
+    #: jobs ended by an unexpected exception (code internal_error)
+    internal_errors: int = 0
+
+
+class Counters:
+    """The running tallies behind :class:`PoolStatistics` (plain attributes: they are bumped on the hot path)."""
+
+    __slots__ = (
+        "attempts",
+        "cache_hits",
+        "cache_misses",
+        "cache_saved_usd",
+        "charged_tokens",
+        "completion_tokens",
+        "cost_usd",
+        "failed",
+        "fallbacks",
+        "in_flight",
+        "internal_errors",
+        "pauses",
+        "prompt_tokens",
+        "rate_limited",
+        "retries",
+        "submitted",
+        "succeeded",
+        "truncated",
+    )
+
+    def __init__(self) -> None:
+        self.submitted = self.succeeded = self.failed = self.retries = self.rate_limited = 0
+        self.attempts = self.in_flight = self.prompt_tokens = self.completion_tokens = 0
+        self.charged_tokens = self.truncated = self.internal_errors = self.pauses = 0
+        self.cache_hits = self.cache_misses = self.fallbacks = 0
+        self.cost_usd = self.cache_saved_usd = 0.0
+
+
+class RateMeter:
+    """Admissions per second over a sliding window, for the rates in statistics()."""
+
+    __slots__ = ("_seconds", "window")
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._seconds: deque[list[float]] = deque()  # [second, requests, tokens]
+
+    def add(self, now: float, tokens: int) -> None:
+        second = math.floor(now)
+        if self._seconds and self._seconds[-1][0] == second:
+            entry = self._seconds[-1]
+            entry[1] += 1
+            entry[2] += tokens
+        else:
+            self._seconds.append([second, 1, tokens])
+            while self._seconds[0][0] <= second - self.window:
+                self._seconds.popleft()
+
+    def per_minute(self, now: float) -> tuple[float, float]:
+        horizon = math.floor(now) - self.window
+        recent = [entry for entry in self._seconds if entry[0] > horizon]
+        scale = 60.0 / self.window
+        return sum(e[1] for e in recent) * scale, sum(e[2] for e in recent) * scale
