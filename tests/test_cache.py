@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 import scheduler
 from scheduler.cache import CacheBackend, MemoryCache, SqliteCache, cache_key, is_deterministic, open_cache
-from scheduler.testing import FakeClock, FakeTransport, answer_for, error, ok
+from scheduler.testing import FakeClock, FakeTransport, answer_for, error
 from scheduler.transport import Response
 
 PRICES = {"gpt-4o-mini": {"input": 1000.0, "output": 2000.0}}  # usage 10 + 5 costs $0.02
