@@ -99,41 +99,37 @@ def check_rates(rates: Mapping[str, float]) -> None:
 class FaultPlan:
     """Scripted faults (a queue, in arrival order) and faults drawn at configured rates."""
 
-    __slots__ = ("_rates", "_script")
+    __slots__ = ("_rates", "drawn", "script")
 
     def __init__(self, rates: Mapping[str, float]) -> None:
         self._rates = tuple((name, rates[name]) for name in RATE_ORDER if rates.get(name, 0.0) > 0.0)
-        self._script: deque[tuple[Fault, ...]] = deque()
-
-    @property
-    def scripted(self) -> bool:
-        """Whether scripted faults are waiting (cheap check for the common path)."""
-        return bool(self._script)
+        #: Whether any fault has a rate (the common path tests this attribute and skips `draw`).
+        self.drawn = bool(self._rates)
+        #: Scripted entries, in the order requests take them (the common path tests it for emptiness).
+        self.script: deque[tuple[Fault, ...]] = deque()
 
     def inject(self, specs: Iterable[str]) -> None:
         """Queue one entry per spec; all are parsed first, so a bad spec queues nothing."""
-        self._script.extend([parse_faults(s) for s in specs])
+        self.script.extend([parse_faults(s) for s in specs])
 
     def pop(self) -> tuple[Fault, ...]:
-        """The next scripted entry (the caller checked `scripted`)."""
-        return self._script.popleft()
+        """The next scripted entry (the caller checked that `script` is not empty)."""
+        return self.script.popleft()
 
     def push_back(self, faults: tuple[Fault, ...]) -> None:
         """Return an entry to the head of the queue (its request was refused by the rate limiter)."""
-        self._script.appendleft(faults)
+        self.script.appendleft(faults)
 
     def pending(self) -> list[str]:
         """The scripted entries still waiting, as spec strings."""
-        return ["+".join(f"{f.name}:{f.arg}" if f.arg else f.name for f in e) for e in self._script]
+        return ["+".join(f"{f.name}:{f.arg}" if f.arg else f.name for f in e) for e in self.script]
 
     def clear(self) -> None:
         """Drop every scripted entry."""
-        self._script.clear()
+        self.script.clear()
 
     def draw(self, rng: random.Random, streamed: bool) -> tuple[Fault, ...]:
         """Faults drawn at their rates for one admitted request: at most one outcome, any modifiers."""
-        if not self._rates:
-            return ()
         out: list[Fault] = []
         outcome = False
         for name, rate in self._rates:

@@ -98,8 +98,7 @@ def estimate(chars: int, cfg: MockConfig) -> int:
     return math.ceil(chars / cfg.chars_per_token)
 
 
-def _tier(body: dict[str, Any]) -> str:
-    tier = body.get("service_tier")
+def _tier(tier: Any) -> str:
     if tier is None:
         return "default"
     if tier not in _TIERS:
@@ -125,8 +124,11 @@ def _check_window(job: Job, cfg: MockConfig, where: str) -> None:
     if window is None:
         return
     wanted = job.prompt_tokens + (job.cap or 0)
-    if wanted <= window:
-        return
+    if wanted > window:
+        _too_long(job, window, wanted, where)
+
+
+def _too_long(job: Job, window: int, wanted: int, where: str) -> None:
     if where == "input":  # the Responses API words it differently
         raise BadRequest(
             "Your input exceeds the context window of this model. Please adjust your input and try again.",
@@ -200,8 +202,11 @@ def parse_chat(body: dict[str, Any], cfg: MockConfig) -> Job:
     cap = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
     n = _positive_int(body, "n") or 1
     job = _job("chat", model, chars, cap, n, text, cfg)
-    job.tier = _tier(body)
-    _json_format(body.get("response_format"), "response_format", job)
+    # The common request has neither: skip the calls.
+    if "service_tier" in body:
+        job.tier = _tier(body["service_tier"])
+    if "response_format" in body:
+        _json_format(body["response_format"], "response_format", job)
     if body.get("stream"):
         job.stream = True
         opts = body.get("stream_options")
@@ -236,7 +241,8 @@ def parse_responses(body: dict[str, Any], cfg: MockConfig) -> Job:
     else:
         raise BadRequest("Invalid 'input': expected a string or an array.", "input", "invalid_type")
     job = _job("responses", model, chars, _positive_int(body, "max_output_tokens"), 1, text, cfg)
-    job.tier = _tier(body)
+    if "service_tier" in body:
+        job.tier = _tier(body["service_tier"])
     fmt = body.get("text")
     if fmt is not None:
         if not isinstance(fmt, dict):

@@ -88,11 +88,14 @@ class Refusal:
 class Limit:
     """One dimension (requests or tokens): a reporting bucket for headers, a smaller enforcing one."""
 
-    __slots__ = ("enforcing", "kind", "limit", "reporting")
+    __slots__ = ("_names", "enforcing", "kind", "limit", "reporting")
 
     def __init__(self, kind: Kind, limit: int, quantum_s: float, now: float) -> None:
         self.kind: Kind = kind
         self.limit = limit
+        # Built once: headers are written on every answer.
+        self._names = (f"x-ratelimit-limit-{kind}", str(limit), f"x-ratelimit-remaining-{kind}",
+                       f"x-ratelimit-reset-{kind}")
         rate = limit / 60.0
         self.reporting = TokenBucket(float(limit), rate, now)
         # Quantization: the burst allowed is only `quantum_s` worth of the per-minute limit.
@@ -115,10 +118,12 @@ class Limit:
         self.reporting.give(amount, now)
 
     def headers(self, now: float, out: dict[str, str]) -> None:
-        k = self.kind
-        out[f"x-ratelimit-limit-{k}"] = str(self.limit)
-        out[f"x-ratelimit-remaining-{k}"] = str(max(0, math.floor(self.reporting.level_at(now) + _EPS)))
-        out[f"x-ratelimit-reset-{k}"] = format_duration(self.reporting.until_full_s(now))
+        limit_name, limit, remaining_name, reset_name = self._names
+        out[limit_name] = limit
+        bucket = self.reporting
+        level = bucket.level_at(now)
+        out[remaining_name] = str(max(0, math.floor(level + _EPS)))
+        out[reset_name] = format_duration((bucket.capacity - level) / bucket.rate if level < bucket.capacity else 0.0)
 
     def fill(self, now: float) -> None:
         self.enforcing.fill(now)

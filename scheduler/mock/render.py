@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import math
-import os
 import struct
 import time
 from typing import Any
@@ -18,6 +17,7 @@ from aiohttp import web
 
 from .config import MockConfig
 from .parse import Job, embedding_of
+from .respond import random_hex
 from .schema import instance_of
 
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -48,13 +48,9 @@ class Answer:
 
 def reply_words(source: list[str], count: int) -> list[str]:
     """`count` words, deterministic from the prompt: "Mock reply:" then the prompt's words, cycled."""
-    words = ["Mock", "reply:"]
     src = source or list(_FILLER)
-    i = 0
-    while len(words) < count:
-        words.append(src[i % len(src)])
-        i += 1
-    return words[:count]
+    rest = max(0, count - 2)
+    return (["Mock", "reply:"] + src * (rest // len(src) + 1))[:count]
 
 
 def _chunks(text: str) -> list[str]:
@@ -91,7 +87,8 @@ def compose(job: Job, cfg: MockConfig, faults: frozenset[str], invalid_schema: b
         job.completion_tokens = tokens
         return Answer(text, None, _chunks(text), "length" if job.hit_cap else "stop")
     words = reply_words(job.words, job.completion_tokens)
-    pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+    # Stream pieces only for streams: building them costs more than the rest of a small answer.
+    pieces = [words[0], *(" " + w for w in words[1:])] if job.stream and words else []
     return Answer(" ".join(words), None, pieces, "length" if job.hit_cap else "stop")
 
 
@@ -119,7 +116,7 @@ def chat_body(job: Job, answer: Answer) -> dict[str, Any]:
         {"index": i, "message": message, "logprobs": None, "finish_reason": answer.finish} for i in range(job.n)
     ]
     return {
-        "id": "chatcmpl-" + os.urandom(12).hex(),
+        "id": "chatcmpl-" + random_hex(24),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": job.model,
@@ -139,7 +136,7 @@ async def stream_chat(
 ) -> web.StreamResponse:
     """A streamed chat completion as OpenAI sends it, or cut/broken as `fault` (a stream_* name) says."""
     base: dict[str, Any] = {
-        "id": "chatcmpl-" + os.urandom(12).hex(),
+        "id": "chatcmpl-" + random_hex(24),
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": job.model,
@@ -211,14 +208,14 @@ def responses_body(job: Job, body: dict[str, Any], answer: Answer) -> dict[str, 
     )
     message = {
         "type": "message",
-        "id": "msg_" + os.urandom(12).hex(),
+        "id": "msg_" + random_hex(24),
         "status": "incomplete" if job.hit_cap else "completed",
         "role": "assistant",
         "content": [content],
     }
     text = body.get("text") if isinstance(body.get("text"), dict) else None
     return {
-        "id": "resp_" + os.urandom(12).hex(),
+        "id": "resp_" + random_hex(24),
         "object": "response",
         "created_at": int(time.time()),
         "status": "incomplete" if job.hit_cap else "completed",

@@ -9,9 +9,14 @@ import orjson
 from aiohttp import web
 
 
+def random_hex(digits: int) -> str:
+    """`digits` random hex digits (`digits` even)."""
+    return os.urandom(digits // 2).hex()
+
+
 def request_id() -> str:
     """An OpenAI-style request id ("req_" and 32 hex digits)."""
-    return "req_" + os.urandom(16).hex()
+    return "req_" + random_hex(32)
 
 
 def json_response(obj: Any, status: int, headers: dict[str, str]) -> web.Response:

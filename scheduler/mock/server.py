@@ -81,6 +81,7 @@ class MockServer:
         self._dialect: Dialect = DIALECT_TYPES[config.dialect](config)
         self._keys: dict[str, KeyLimits] | None = dict(config.keys) if config.keys is not None else None
         self._simple = self._keys is None and not config.model_limits  # one scope for every request
+        self._keyed = self._keys is not None or config.api_key is not None
         self._scopes: dict[tuple[str | None, str | None], Scope] = {}
         self._default_scope: Scope = self._dialect.scope(config.rpm, config.tpm, config.otpm, 0.0)
         self._plan = FaultPlan(config.fault_rates)
@@ -243,8 +244,6 @@ class MockServer:
         return headers
 
     def _scope(self, key: str | None, model: str, now: float) -> Scope:
-        if self._simple:
-            return self._default_scope
         cfg = self.config
         limits = self._keys[key] if self._keys is not None and key is not None else None
         models = limits.model_limits if limits is not None and limits.model_limits is not None else cfg.model_limits
@@ -271,7 +270,7 @@ class MockServer:
         dialect = self._dialect
 
         key: str | None = None
-        if self._keys is not None or cfg.api_key is not None:
+        if self._keyed:
             given = _given_key(request)
             if (given not in self._keys) if self._keys is not None else (given != cfg.api_key):
                 st.unauthorized += 1
@@ -298,14 +297,17 @@ class MockServer:
             return error_response(400, e.message, e.type, e.param, e.code,
                                   self._headers(self._default_scope if self._simple else None, now))
 
-        scope = self._scope(key, job.model, now)
-        per_key, per_model = st.scope(_label(key) if key is not None else None, job.model)
+        scope = self._default_scope if self._simple else self._scope(key, job.model, now)
+        per_model = st.per_model.get(job.model) or st.counters(st.per_model, job.model)
         per_model[0] += 1
-        if per_key is not None:
+        per_key: list[int] | None = None
+        if key is not None:
+            label = _label(key)
+            per_key = st.per_key.get(label) or st.counters(st.per_key, label)
             per_key[0] += 1
 
         plan = self._plan
-        faults: tuple[Fault, ...] = plan.pop() if plan.scripted else ()
+        faults: tuple[Fault, ...] = plan.pop() if plan.script else ()
         if faults:
             refused = self._scripted_refusal(faults, job, scope, request, now)
             if refused is not None:
@@ -342,7 +344,7 @@ class MockServer:
             return self._drop(request)
         if cfg.error_rate > 0 and rng.random() < cfg.error_rate:
             return self._server_error(rng.choice((500, 502, 503)), headers)
-        if not faults:
+        if not faults and plan.drawn:
             faults = plan.draw(rng, job.stream)
         names = _NO_FAULTS
         if faults:

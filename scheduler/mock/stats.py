@@ -62,17 +62,11 @@ class Stats:
             tl.append([0, 0, 0])
         return tl[i]
 
-    def scope(self, key: str | None, model: str) -> tuple[list[int] | None, list[int]]:
-        """The counters of `key` (None when the server has no keys) and of `model`."""
-        per_model = self.per_model.get(model)
-        if per_model is None:
-            per_model = self.per_model[model] = [0, 0, 0, 0]
-        if key is None:
-            return None, per_model
-        per_key = self.per_key.get(key)
-        if per_key is None:
-            per_key = self.per_key[key] = [0, 0, 0, 0]
-        return per_key, per_model
+    @staticmethod
+    def counters(table: dict[str, list[int]], name: str) -> list[int]:
+        """New zeroed counters [requests, ok, rate_limited, admitted_tokens] for `name` in `table`."""
+        counters = table[name] = [0, 0, 0, 0]
+        return counters
 
     def as_dict(self, now: float) -> dict[str, Any]:
         def counts(c: list[int]) -> dict[str, int]:
