@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from email.utils import formatdate, parsedate_to_datetime
 
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from mock_client import USER, running
 
 from scheduler.mock import MockConfig, MockServer
 from scheduler.mock.dialects import AnthropicDialect, AzureDialect, LiteLLMDialect
 from scheduler.mock.parse import parse_chat
 from scheduler.mock.ratelimit import FixedWindow
 
-USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there friend"}]  # 5 tokens
 T0 = 1_800_000_000.0  # a calendar-minute boundary (and a multiple of 10 s)
 
 pytestmark = pytest.mark.anyio
@@ -33,16 +30,6 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
-
-@asynccontextmanager
-async def running(
-    config: MockConfig, clock: Clock | None = None
-) -> AsyncIterator[tuple[MockServer, openai.AsyncOpenAI]]:
-    async with (
-        MockServer(config, clock=clock) as server,
-        openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=10) as client,
-    ):
-        yield server, client
 
 
 def said(err: openai.APIStatusError) -> str:
@@ -138,7 +125,7 @@ def test_litellm_counts_real_usage_per_calendar_minute() -> None:
 async def test_azure_headers_and_429() -> None:
     clock = Clock(T0)
     config = MockConfig(dialect="azure", rpm=120, tpm=1_000)
-    async with running(config, clock) as (_, client):
+    async with running(config, clock=clock) as (_, client):
         raw = await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=USER, max_tokens=100)
         h = raw.headers
         assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("20", "19")
@@ -183,7 +170,7 @@ async def test_azure_client_on_deployment_paths() -> None:
 async def test_anthropic_headers_and_429() -> None:
     clock = Clock(T0)
     config = MockConfig(dialect="anthropic", rpm=50, tpm=40_000, otpm=8_000)
-    async with running(config, clock) as (_, client):
+    async with running(config, clock=clock) as (_, client):
         raw = await client.chat.completions.with_raw_response.create(model="claude", messages=USER, max_tokens=100)
         h = raw.headers
         assert not [k for k in h if k.startswith("x-ratelimit-")]
@@ -211,7 +198,7 @@ async def test_anthropic_headers_and_429() -> None:
 
 async def test_anthropic_output_tokens_limit_through_http() -> None:
     config = MockConfig(dialect="anthropic", rpm=None, tpm=None, otpm=1_000, quantum_s=60.0)
-    async with running(config, Clock(T0)) as (_, client):
+    async with running(config, clock=Clock(T0)) as (_, client):
         await client.chat.completions.create(model="claude", messages=USER, max_tokens=600)
         with pytest.raises(openai.RateLimitError) as info:
             await client.chat.completions.create(model="claude", messages=USER, max_tokens=985)
@@ -221,7 +208,7 @@ async def test_anthropic_output_tokens_limit_through_http() -> None:
 
 async def test_litellm_window_headers_and_429s() -> None:
     clock = Clock(T0 + 30)
-    async with running(MockConfig(dialect="litellm", rpm=3, tpm=1_000), clock) as (_, client):
+    async with running(MockConfig(dialect="litellm", rpm=3, tpm=1_000), clock=clock) as (_, client):
         raw = await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=USER, max_tokens=50)
         h = raw.headers
         assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("3", "2")
@@ -249,7 +236,7 @@ async def test_litellm_window_headers_and_429s() -> None:
 async def test_litellm_cooldown_says_no_deployments_available() -> None:
     clock = Clock(T0)
     config = MockConfig(dialect="litellm", rpm=1, tpm=None, litellm_cooldown_s=5, litellm_window_s=1)
-    async with running(config, clock) as (_, client):
+    async with running(config, clock=clock) as (_, client):
         await client.chat.completions.create(model="gpt-4o", messages=USER)
         with pytest.raises(openai.RateLimitError) as first:
             await client.chat.completions.create(model="gpt-4o", messages=USER)

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+from mock_client import USER, running
+from openai.types.chat import ChatCompletion
 
-from scheduler.mock import MockConfig, MockServer
+from scheduler.mock import MockConfig
 from scheduler.mock.faults import FaultPlan, parse_faults
-
-USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there friend"}]
 
 pytestmark = pytest.mark.anyio
 
-
-@asynccontextmanager
-async def running(config: MockConfig | None = None) -> AsyncIterator[tuple[MockServer, openai.AsyncOpenAI]]:
-    async with (
-        MockServer(config or MockConfig()) as server,
-        openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=10) as client,
-    ):
-        yield server, client
 
 
 async def collect(client: openai.AsyncOpenAI, **kwargs: Any) -> tuple[str, str | None]:
@@ -194,6 +183,25 @@ async def test_retry_after_long() -> None:
             assert (h["retry-after"], h["retry-after-ms"]) == (str(seconds), str(seconds * 1000))
         stats = server.stats()
         assert (stats["admitted"], stats["rate_limited"]) == (0, 2)
+
+
+async def test_refusals_at_rates_charge_nothing() -> None:
+    async with running(MockConfig(fault_rates={"quota": 1.0})) as (server, client):
+        server.inject("retry_after_long+headers_none")
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="m", messages=USER)
+        assert info.value.code == "rate_limit_exceeded"
+        assert "x-ratelimit-limit-tokens" not in info.value.response.headers
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="m", messages=USER)
+        assert info.value.code == "insufficient_quota"
+        assert server.stats()["admitted"] == 0
+    async with running(MockConfig(fault_rates={"flex_unavailable": 1.0})) as (server, client):
+        await client.chat.completions.create(model="m", messages=USER)  # only flex requests are refused
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="m", messages=USER, service_tier="flex")
+        assert info.value.code == "resource_unavailable"
+        assert server.stats()["faults"] == {"flex_unavailable": 1}
 
 
 async def test_quota_fault_and_server_error_with_status() -> None:

@@ -7,34 +7,23 @@ import base64
 import json
 import math
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import aiohttp
 import openai
 import pytest
+from mock_client import USER, running
 from openai.lib._pydantic import to_strict_json_schema
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.responses import Response
 from pydantic import BaseModel, Field
 
-from scheduler.mock import MockConfig, MockServer, embedding_of
+from scheduler.mock import MockConfig, embedding_of
 from scheduler.mock.schema import SchemaError, instance_of
-
-USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there friend"}]
 
 pytestmark = pytest.mark.anyio
 
-
-@asynccontextmanager
-async def running(config: MockConfig | None = None) -> AsyncIterator[tuple[MockServer, openai.AsyncOpenAI]]:
-    async with (
-        MockServer(config or MockConfig()) as server,
-        openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=10) as client,
-    ):
-        yield server, client
 
 
 class Address(BaseModel):

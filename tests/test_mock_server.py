@@ -8,14 +8,12 @@ import base64
 import math
 import struct
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import fields
 
 import aiohttp
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from mock_client import USER, running
 
 from scheduler.mock import (
     KeyLimits,
@@ -29,25 +27,11 @@ from scheduler.mock import (
     serve,
 )
 
-USER: list[ChatCompletionMessageParam] = [
-    {"role": "user", "content": "hello there friend"}
-]  # 18 chars: 5 estimated tokens
-
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 
-
-@asynccontextmanager
-async def running(
-    config: MockConfig, api_key: str = "x"
-) -> AsyncIterator[tuple[MockServer, openai.AsyncOpenAI]]:
-    async with (
-        MockServer(config) as server,
-        openai.AsyncOpenAI(base_url=server.base_url, api_key=api_key, max_retries=0, timeout=10) as client,
-    ):
-        yield server, client
 
 
 # -- pure bucket logic -----------------------------------------------------------------------------

@@ -15,7 +15,10 @@ the limiter's arithmetic, the rate-limit headers of every answer, and the header
 - ``anthropic``: token buckets for requests, input tokens (``tpm``) and output tokens (``otpm``); output reserved
   from max_tokens at the start and settled to the real count at the end (or counted only at the end);
   ``anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`` with RFC 3339
-  resets; 429 with ``retry-after`` and ``{"type": "error", "error": {"type": "rate_limit_error", ...}}``.
+  resets (token remainders rounded to the thousand, as documented; ``tokens-*`` adds input and output up, as
+  a recorded response shows); 429 with ``retry-after`` and ``{"type": "error", "error": {"type":
+  "rate_limit_error", "message": "This request would exceed your organization's rate limit of ..."},
+  "request_id": ...}``.
 - ``litellm``: a LiteLLM proxy's router limits: fixed windows (the calendar minute), requests counted when
   admitted, tokens counted from real usage when the answer ends (admission checks used + prompt <= tpm);
   ``x-ratelimit-{limit,remaining}-{requests,tokens}`` and no reset headers; 429 without ``retry-after`` or

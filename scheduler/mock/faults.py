@@ -99,12 +99,15 @@ def check_rates(rates: Mapping[str, float]) -> None:
 class FaultPlan:
     """Scripted faults (a queue, in arrival order) and faults drawn at configured rates."""
 
-    __slots__ = ("_rates", "drawn", "script")
+    __slots__ = ("_rates", "_refusal_rates", "drawn", "refusals_drawn", "script")
 
     def __init__(self, rates: Mapping[str, float]) -> None:
-        self._rates = tuple((name, rates[name]) for name in RATE_ORDER if rates.get(name, 0.0) > 0.0)
-        #: Whether any fault has a rate (the common path tests this attribute and skips `draw`).
+        chosen = [(name, rates[name]) for name in RATE_ORDER if rates.get(name, 0.0) > 0.0]
+        self._rates = tuple((n, r) for n, r in chosen if n not in REFUSALS)
+        self._refusal_rates = tuple((n, r) for n, r in chosen if n in REFUSALS)
+        #: Whether faults have rates (the common path tests these attributes and skips drawing).
         self.drawn = bool(self._rates)
+        self.refusals_drawn = bool(self._refusal_rates)
         #: Scripted entries, in the order requests take them (the common path tests it for emptiness).
         self.script: deque[tuple[Fault, ...]] = deque()
 
@@ -127,6 +130,16 @@ class FaultPlan:
     def clear(self) -> None:
         """Drop every scripted entry."""
         self.script.clear()
+
+    def draw_refusal(self, rng: random.Random, flex: bool) -> tuple[Fault, ...]:
+        """A refusal drawn at its rate for one valid request, before the limiter (a refusal charges nothing).
+
+        flex_unavailable only strikes flex requests.
+        """
+        for name, rate in self._refusal_rates:
+            if (flex or name != "flex_unavailable") and rng.random() < rate:
+                return (Fault(name),)
+        return ()
 
     def draw(self, rng: random.Random, streamed: bool) -> tuple[Fault, ...]:
         """Faults drawn at their rates for one admitted request: at most one outcome, any modifiers."""

@@ -243,6 +243,10 @@ class MockServer:
             scope.write_headers(now, headers)
         return headers
 
+    def _early_headers(self, now: float) -> dict[str, str]:
+        """Headers of an answer given before the request's scope is known (401, quota, 400)."""
+        return self._headers(self._default_scope if self._simple else None, now)
+
     def _scope(self, key: str | None, model: str, now: float) -> Scope:
         cfg = self.config
         limits = self._keys[key] if self._keys is not None and key is not None else None
@@ -274,12 +278,12 @@ class MockServer:
             given = _given_key(request)
             if (given not in self._keys) if self._keys is not None else (given != cfg.api_key):
                 st.unauthorized += 1
-                return _invalid_key(self._headers(self._default_scope if self._simple else None, now))
+                return _invalid_key(self._early_headers(now))
             if self._keys is not None:
                 key = given
         if cfg.quota_after is not None and st.admitted >= cfg.quota_after:
             st.quota += 1
-            return _quota(self._headers(self._default_scope if self._simple else None, now))
+            return _quota(self._early_headers(now))
         try:
             body = orjson.loads(await request.read())
             if not isinstance(body, dict):
@@ -290,12 +294,10 @@ class MockServer:
         except orjson.JSONDecodeError:
             st.bad_requests += 1
             return error_response(400, "We could not parse the JSON body of your request.",
-                                  "invalid_request_error", None, None,
-                                  self._headers(self._default_scope if self._simple else None, now))
+                                  "invalid_request_error", None, None, self._early_headers(now))
         except BadRequest as e:
             st.bad_requests += 1
-            return error_response(400, e.message, e.type, e.param, e.code,
-                                  self._headers(self._default_scope if self._simple else None, now))
+            return error_response(400, e.message, e.type, e.param, e.code, self._early_headers(now))
 
         scope = self._default_scope if self._simple else self._scope(key, job.model, now)
         per_model = st.per_model.get(job.model) or st.counters(st.per_model, job.model)
@@ -307,17 +309,18 @@ class MockServer:
             per_key[0] += 1
 
         plan = self._plan
+        rng = self._rng
         faults: tuple[Fault, ...] = plan.pop() if plan.script else ()
+        if not faults and plan.refusals_drawn:
+            faults = plan.draw_refusal(rng, job.tier == "flex")
         if faults:
-            refused = self._scripted_refusal(faults, job, scope, request, now)
+            refused = self._refusal(faults, job, scope, request, now)
             if refused is not None:
                 return refused
-        rng = self._rng
         if job.tier == "flex":
             if cfg.flex_capacity < 1.0 and rng.random() >= cfg.flex_capacity:
                 st.flex_unavailable += 1
-                return error_response(429, _FLEX_UNAVAILABLE, "resource_unavailable", None, "resource_unavailable",
-                                      self._headers(scope, now))
+                return _flex_unavailable(self._headers(scope, now))
             st.flex_served += 1
 
         refusal = scope.check_in(job, now)
@@ -349,20 +352,9 @@ class MockServer:
         names = _NO_FAULTS
         if faults:
             names = frozenset(f.name for f in faults)
-            for f in faults:
-                st.faults[f.name] += 1
-                if f.name.startswith("headers_"):
-                    corrupt_headers(headers, f.name)
-            if "drop" in names:
-                return self._drop(request)
-            for f in faults:
-                if f.name == "server_error":
-                    return self._server_error(int(f.arg) if f.arg else rng.choice((500, 502, 503)), headers)
-            if "html" in names:
-                base = dialect.base_headers(now)  # a proxy's page carries none of the API's headers
-                return web.Response(body=HTML_PAGE, status=200, headers=base, content_type="text/html")
-            if "bad_shape" in names:
-                return web.Response(body=BAD_SHAPE, status=200, headers=headers, content_type="application/json")
+            replaced = self._outcome(request, faults, names, headers, now)
+            if replaced is not None:
+                return replaced
 
         if cfg.capacity is not None and not await self._acquire():
             st.overloaded += 1
@@ -385,23 +377,47 @@ class MockServer:
             if cfg.capacity is not None:
                 self._release()
 
-    def _scripted_refusal(
+    def _outcome(
+        self, request: web.Request, faults: tuple[Fault, ...], names: frozenset[str], headers: dict[str, str],
+        now: float,
+    ) -> web.StreamResponse | None:
+        """Count an admitted request's faults, bend its headers, and answer in place of the model if one says so."""
+        st = self._stats
+        for f in faults:
+            st.faults[f.name] += 1
+            if f.name.startswith("headers_"):
+                corrupt_headers(headers, f.name)
+        if "drop" in names:
+            return self._drop(request)
+        for f in faults:
+            if f.name == "server_error":
+                return self._server_error(int(f.arg) if f.arg else self._rng.choice((500, 502, 503)), headers)
+        if "html" in names:
+            base = self._dialect.base_headers(now)  # a proxy's page carries none of the API's headers
+            return web.Response(body=HTML_PAGE, status=200, headers=base, content_type="text/html")
+        if "bad_shape" in names:
+            return web.Response(body=BAD_SHAPE, status=200, headers=headers, content_type="application/json")
+        return None
+
+    def _refusal(
         self, faults: tuple[Fault, ...], job: Job, scope: Scope, request: web.Request, now: float
     ) -> web.StreamResponse | None:
-        """Answer a scripted refusal fault (before the limiter, charging nothing), if there is one."""
+        """Answer a refusal fault (before the limiter, charging nothing), if there is one."""
         for f in faults:
             if f.name not in REFUSALS:
                 continue
             st = self._stats
-            st.faults[f.name] += 1
             headers = self._headers(scope, now)
+            for g in faults:
+                st.faults[g.name] += 1
+                if g.name.startswith("headers_"):
+                    corrupt_headers(headers, g.name)
             if f.name == "quota":
                 st.quota += 1
                 return _quota(headers)
             if f.name == "flex_unavailable":
                 st.flex_unavailable += 1
-                return error_response(429, _FLEX_UNAVAILABLE, "resource_unavailable", None, "resource_unavailable",
-                                      headers)
+                return _flex_unavailable(headers)
             st.rate_limited += 1
             seconds = f.number(self.config.retry_after_long_s)
             refusal = Refusal("requests", self.config.rpm or 0, self.config.rpm or 0, 1, seconds, False)
@@ -520,6 +536,11 @@ def _invalid_key(headers: dict[str, str]) -> web.Response:
     # Never echo the key back: the body may end up in logs.
     message = "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
     return error_response(401, message, "invalid_request_error", None, "invalid_api_key", headers)
+
+
+def _flex_unavailable(headers: dict[str, str]) -> web.Response:
+    # Documented as "429 Resource Unavailable" (not charged); the exact body was not found, so the code names it.
+    return error_response(429, _FLEX_UNAVAILABLE, "resource_unavailable", None, "resource_unavailable", headers)
 
 
 def _quota(headers: dict[str, str]) -> web.Response:
