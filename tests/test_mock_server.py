@@ -8,15 +8,15 @@ import base64
 import math
 import struct
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from dataclasses import fields
 
 import aiohttp
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from mock_client import USER, running
 
 from scheduler.mock import (
+    KeyLimits,
     MockConfig,
     MockServer,
     RateLimiter,
@@ -27,25 +27,11 @@ from scheduler.mock import (
     serve,
 )
 
-USER: list[ChatCompletionMessageParam] = [
-    {"role": "user", "content": "hello there friend"}
-]  # 18 chars: 5 estimated tokens
-
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 
-
-@asynccontextmanager
-async def running(
-    config: MockConfig, api_key: str = "x"
-) -> AsyncIterator[tuple[MockServer, openai.AsyncOpenAI]]:
-    async with (
-        MockServer(config) as server,
-        openai.AsyncOpenAI(base_url=server.base_url, api_key=api_key, max_retries=0, timeout=10) as client,
-    ):
-        yield server, client
 
 
 # -- pure bucket logic -----------------------------------------------------------------------------
@@ -159,6 +145,37 @@ def test_arguments_round_trip() -> None:
     assert config.quota_after == 3
     with pytest.raises(ValueError):
         MockConfig(error_rate=1.5)
+
+
+def test_every_config_field_has_a_flag() -> None:
+    """Benchmarks run the mock in its own process: every MockConfig field must be reachable from the CLI."""
+    parser = argparse.ArgumentParser()
+    add_mock_arguments(parser)
+    argv = [
+        "--rpm", "100", "--tpm", "1000", "--otpm", "50", "--quantum", "2", "--latency-ms", "1",
+        "--latency-sigma", "0.5", "--seed", "9", "--error-rate", "0.1", "--drop-rate", "0.2", "--slow-rate", "0.3",
+        "--slow-ms", "7", "--quota-after", "5", "--key", "k1=10,20", "--completion-tokens", "3",
+        "--chars-per-token", "3.5", "--fault", "html=0.25", "--fault", "stream_cut=0.5", "--retry-after-long", "9",
+        "--no-rate-limit-headers", "--fill-output-cap", "--uncapped-tokens", "99", "--long-output-tokens", "77",
+        "--model-limit", "gpt-4o=1,2,3", "--dialect", "anthropic", "--azure-window", "1",
+        "--anthropic-output-at-end", "--litellm-window", "30", "--litellm-cooldown", "4", "--capacity", "8",
+        "--max-queue", "16", "--overload-status", "429", "--flex-capacity", "0.5", "--flex-latency-ms", "11",
+        "--context-window", "gpt-4o=1000", "--context-window", "mock-model=none", "--embedding-max-inputs", "10",
+        "--embedding-input-limit", "100", "--embedding-request-limit", "500",
+    ]
+    config = config_from_args(parser.parse_args(argv))
+    default = MockConfig()
+    unchanged = [f.name for f in fields(MockConfig) if getattr(config, f.name) == getattr(default, f.name)]
+    assert unchanged == ["api_key"]  # exclusive with --key; checked below
+    assert config_from_args(parser.parse_args(["--api-key", "sk-1"])).api_key == "sk-1"
+    assert config.keys == {"k1": KeyLimits(10, 20)}
+    assert config.fault_rates == {"html": 0.25, "stream_cut": 0.5}
+    assert config.context_windows == {"gpt-4o": 1000, "gpt-4o-mini": 128_000, "gpt-4.1-mini": 1_047_576}
+    assert (config.dialect, config.anthropic_output_reserve, config.rate_limit_headers) == ("anthropic", False, False)
+    for bad in (["--fault", "nope=1"], ["--fault", "html"], ["--key", "=1,2"], ["--model-limit", "m=1"],
+                ["--dialect", "google"], ["--rpm", "lots"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
 
 
 # -- through HTTP with the openai SDK --------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""OpenAI-style rate limiting: token buckets that take `now` explicitly, so tests can drive them."""
+"""Rate-limit arithmetic that takes `now` explicitly, so tests can drive it.
+
+Token buckets (OpenAI, Anthropic: capacity refills continuously, bursts quantized) and fixed windows (Azure's
+short request windows, LiteLLM's calendar minute: counters that reset at the window boundary).
+"""
 
 from __future__ import annotations
 
@@ -47,6 +51,11 @@ class TokenBucket:
         self._refill(now)
         self.level -= cost
 
+    def give(self, amount: float, now: float) -> None:
+        """Return `amount` (a refund), never above capacity."""
+        self._refill(now)
+        self.level = min(self.capacity, self.level + amount)
+
     def until_full_s(self, now: float) -> float:
         """Seconds until the bucket is full again."""
         self._refill(now)
@@ -60,7 +69,7 @@ class TokenBucket:
         self.updated = now
 
 
-Kind = Literal["requests", "tokens"]
+Kind = Literal["requests", "tokens", "input_tokens", "output_tokens"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +82,20 @@ class Refusal:
     requested: int
     retry_after_s: float  # inf when the request can never fit
     too_large: bool
+    detail: str = ""  # a dialect's own reason, e.g. "cooldown" (litellm)
 
 
-class _Limit:
+class Limit:
     """One dimension (requests or tokens): a reporting bucket for headers, a smaller enforcing one."""
 
-    __slots__ = ("enforcing", "kind", "limit", "reporting")
+    __slots__ = ("_names", "enforcing", "kind", "limit", "reporting")
 
     def __init__(self, kind: Kind, limit: int, quantum_s: float, now: float) -> None:
         self.kind: Kind = kind
         self.limit = limit
+        # Built once: headers are written on every answer.
+        self._names = (f"x-ratelimit-limit-{kind}", str(limit), f"x-ratelimit-remaining-{kind}",
+                       f"x-ratelimit-reset-{kind}")
         rate = limit / 60.0
         self.reporting = TokenBucket(float(limit), rate, now)
         # Quantization: the burst allowed is only `quantum_s` worth of the per-minute limit.
@@ -100,11 +113,17 @@ class _Limit:
         self.enforcing.take(cost, now)
         self.reporting.take(cost, now)
 
+    def give(self, amount: int, now: float) -> None:
+        self.enforcing.give(amount, now)
+        self.reporting.give(amount, now)
+
     def headers(self, now: float, out: dict[str, str]) -> None:
-        k = self.kind
-        out[f"x-ratelimit-limit-{k}"] = str(self.limit)
-        out[f"x-ratelimit-remaining-{k}"] = str(max(0, math.floor(self.reporting.level_at(now) + _EPS)))
-        out[f"x-ratelimit-reset-{k}"] = format_duration(self.reporting.until_full_s(now))
+        limit_name, limit, remaining_name, reset_name = self._names
+        out[limit_name] = limit
+        bucket = self.reporting
+        level = bucket.level_at(now)
+        out[remaining_name] = str(max(0, math.floor(level + _EPS)))
+        out[reset_name] = format_duration((bucket.capacity - level) / bucket.rate if level < bucket.capacity else 0.0)
 
     def fill(self, now: float) -> None:
         self.enforcing.fill(now)
@@ -112,16 +131,16 @@ class _Limit:
 
 
 class RateLimiter:
-    """RPM and TPM limits, each a `_Limit`; a request is admitted only if both have room."""
+    """RPM and TPM limits, each a `Limit`; a request is admitted only if both have room."""
 
     __slots__ = ("_limits",)
 
     def __init__(self, rpm: int | None, tpm: int | None, quantum_s: float, now: float) -> None:
-        self._limits: list[tuple[_Limit, bool]] = []
+        self._limits: list[tuple[Limit, bool]] = []
         if rpm is not None:
-            self._limits.append((_Limit("requests", rpm, quantum_s, now), False))
+            self._limits.append((Limit("requests", rpm, quantum_s, now), False))
         if tpm is not None:
-            self._limits.append((_Limit("tokens", tpm, quantum_s, now), True))
+            self._limits.append((Limit("tokens", tpm, quantum_s, now), True))
 
     def admit(self, tokens: int, now: float) -> Refusal | None:
         """Charge one request of `tokens` if everything has room, else say why not (charging nothing)."""
@@ -140,14 +159,74 @@ class RateLimiter:
     def headers(self, now: float) -> dict[str, str]:
         """The x-ratelimit-* headers as of `now`."""
         out: dict[str, str] = {}
+        self.write_headers(now, out)
+        return out
+
+    def write_headers(self, now: float, out: dict[str, str]) -> None:
+        """Add the x-ratelimit-* headers as of `now` to `out`."""
         for lim, _ in self._limits:
             lim.headers(now, out)
-        return out
 
     def fill(self, now: float) -> None:
         """Refill every bucket."""
         for lim, _ in self._limits:
             lim.fill(now)
+
+
+class FixedWindow:
+    """A counter of `limit` units per window of `window_s` seconds, windows aligned to multiples of `window_s`.
+
+    Unlike a bucket nothing refills within a window: a burst may take the whole window's limit at once, and the
+    count starts again from zero at the boundary.
+    """
+
+    __slots__ = ("limit", "start", "used", "window_s")
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.start = -math.inf
+        self.used = 0
+
+    def _roll(self, now: float) -> None:
+        start = math.floor(now / self.window_s) * self.window_s
+        if start != self.start:
+            self.start = start
+            self.used = 0
+
+    def wait_s(self, cost: int, now: float) -> float:
+        """Seconds until `cost` fits: 0 if it fits now, the rest of the window if not, inf if it never can."""
+        self._roll(now)
+        if self.used + cost <= self.limit:
+            return 0.0
+        if cost > self.limit:
+            return math.inf
+        return self.start + self.window_s - now
+
+    def take(self, cost: int, now: float) -> None:
+        """Count `cost` in the current window (may pass the limit: usage counted after the fact)."""
+        self._roll(now)
+        self.used += cost
+
+    def used_at(self, now: float) -> int:
+        """Units counted in the current window (may exceed the limit)."""
+        self._roll(now)
+        return self.used
+
+    def remaining(self, now: float) -> int:
+        """Units left in the current window."""
+        self._roll(now)
+        return max(0, self.limit - self.used)
+
+    def reset_s(self, now: float) -> float:
+        """Seconds until the current window ends."""
+        self._roll(now)
+        return self.start + self.window_s - now
+
+    def fill(self) -> None:
+        """Forget the count (for resets)."""
+        self.start = -math.inf
+        self.used = 0
 
 
 def format_duration(seconds: float) -> str:

@@ -1,138 +1,98 @@
-"""The mock OpenAI-compatible HTTP server: chat, embeddings, responses, models, stats."""
+"""The mock OpenAI-compatible HTTP server: chat, embeddings, responses, models, stats and fault control.
+
+One request's path: key -> quota -> parse (OpenAI's 400s) -> scripted fault -> flex capacity -> the dialect's
+limits of its scope (key x model) -> faults -> capacity queue -> latency -> the answer -> usage settled.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
-import os
 import random
-import struct
 import sys
 import time
-import zlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .config import MockConfig
-from .ratelimit import RateLimiter, Refusal, format_duration
+from .config import KeyLimits, MockConfig
+from .dialects import DIALECT_TYPES, Dialect, Scope
+from .faults import BAD_SHAPE, HTML_PAGE, REFUSALS, Fault, FaultPlan, corrupt_headers
+from .parse import BadRequest, Job, Parser, parse_chat, parse_embeddings, parse_responses
+from .ratelimit import Refusal
+from .render import broken_json, chat_body, compose, embeddings_body, responses_body, stream_chat
+from .respond import error_response, json_response, request_id
+from .stats import Stats
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small", "mock-model")
-EMBEDDING_DIM = 8
-_FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
-_ORG = "org-mock"
-_LIMITS_URL = "Visit https://platform.openai.com/account/rate-limits to learn more."
-
-
-class _BadRequest(Exception):
-    """A 400 with OpenAI's invalid_request_error body."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-
-@dataclass(slots=True)
-class _Job:
-    """A parsed API request: what it costs and what to answer."""
-
-    model: str
-    prompt_tokens: int
-    completion_tokens: int  # per choice
-    n: int
-    hit_cap: bool  # the reply stops because of the caller's output cap
-    cost: int  # tokens charged to the TPM buckets
-    words: list[str]  # words the reply text is made from
-
-
-_Parser = Callable[[dict[str, Any], MockConfig], _Job]
-_Renderer = Callable[[web.Request, dict[str, Any], _Job, dict[str, str]], Awaitable[web.StreamResponse]]
-
-
-class _Stats:
-    """Counters behind GET /stats."""
-
-    __slots__ = (
-        "admitted",
-        "admitted_tokens",
-        "bad_requests",
-        "completion_tokens",
-        "dropped",
-        "ok",
-        "prompt_tokens",
-        "quota",
-        "rate_limited",
-        "requests",
-        "server_errors",
-        "t0",
-        "timeline",
-        "unauthorized",
-    )
-
-    def __init__(self, now: float) -> None:
-        self.t0 = now
-        self.requests = self.ok = self.rate_limited = self.quota = 0
-        self.server_errors = self.dropped = self.unauthorized = self.bad_requests = 0
-        self.admitted = self.admitted_tokens = self.prompt_tokens = self.completion_tokens = 0
-        self.timeline: list[list[int]] = []  # per second: [admitted, admitted tokens, rate limited]
-
-    def second(self, now: float) -> list[int]:
-        """The timeline bucket of `now`, creating empty seconds up to it so plots have no gaps."""
-        i = int(now - self.t0)
-        tl = self.timeline
-        while len(tl) <= i:
-            tl.append([0, 0, 0])
-        return tl[i]
-
-    def as_dict(self, now: float) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "ok": self.ok,
-            "rate_limited": self.rate_limited,
-            "quota": self.quota,
-            "server_errors": self.server_errors,
-            "dropped": self.dropped,
-            "unauthorized": self.unauthorized,
-            "bad_requests": self.bad_requests,
-            "admitted": self.admitted,
-            "admitted_tokens": self.admitted_tokens,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "elapsed_s": round(now - self.t0, 3),
-            "timeline": [
-                {"t": i, "requests": r, "tokens": tok, "rate_limited": rl}
-                for i, (r, tok, rl) in enumerate(self.timeline)
-            ],
-        }
-
+_NO_FAULTS: frozenset[str] = frozenset()
+_SERVER_ERRORS = {
+    500: "The server had an error while processing your request. Sorry about that!",
+    502: "Bad gateway.",
+    503: "The engine is currently overloaded, please try again later.",
+}
+_FLEX_UNAVAILABLE = (
+    "Resource unavailable: there is not enough capacity for flex processing of this request right now. "
+    "Retry later, or send it with service_tier 'auto' or 'default'."
+)
 
 _DEFAULT_CONFIG = MockConfig()
 
 
-class MockServer:
-    """OpenAI-compatible mock server enforcing RPM/TPM like OpenAI; an async context manager."""
+def _label(key: str) -> str:
+    """How /stats names a key: short keys as they are, long ones shortened so secrets do not leak whole."""
+    return key if len(key) <= 12 else f"{key[:4]}...{key[-4:]}"
 
-    def __init__(self, config: MockConfig = _DEFAULT_CONFIG, host: str = "127.0.0.1", port: int = 0) -> None:
+
+def _given_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization")
+    if auth is not None and auth.startswith("Bearer "):
+        return auth[7:]
+    # Azure's SDK sends api-key, Anthropic's x-api-key.
+    return request.headers.get("api-key") or request.headers.get("x-api-key")
+
+
+class MockServer:
+    """OpenAI-compatible mock server enforcing RPM/TPM like OpenAI (or another dialect); an async context manager.
+
+    Args:
+        config: limits, faults, dialect.
+        host, port: where to listen (port 0 picks a free one).
+        clock: wall-clock seconds (default `time.time`): buckets, fixed windows (aligned to multiples of their
+            length, so a 60 s window is the calendar minute), reset times and the date header all read it; tests
+            pass their own to step across a window boundary.
+    """
+
+    def __init__(
+        self,
+        config: MockConfig = _DEFAULT_CONFIG,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.config = config
         self._host = host
         self._port = port
+        self._clock = clock or time.time
         self._rng = random.Random(config.seed)
-        self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._limiter = RateLimiter(config.rpm, config.tpm, config.quantum_s, 0.0)
-        self._stats = _Stats(0.0)
+        self._dialect: Dialect = DIALECT_TYPES[config.dialect](config)
+        self._keys: dict[str, KeyLimits] | None = dict(config.keys) if config.keys is not None else None
+        self._simple = self._keys is None and not config.model_limits  # one scope for every request
+        self._keyed = self._keys is not None or config.api_key is not None
+        self._scopes: dict[tuple[str | None, str | None], Scope] = {}
+        self._default_scope: Scope = self._dialect.scope(config.rpm, config.tpm, config.otpm, 0.0)
+        self._plan = FaultPlan(config.fault_rates)
+        self._stats = Stats(0.0)
+        self._in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def __aenter__(self) -> MockServer:
-        self._loop = asyncio.get_running_loop()
         self.reset()
         # No access log: per-request logging would dominate the cost of a mock request.
         runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=1.0)
@@ -163,19 +123,38 @@ class MockServer:
             raise RuntimeError("MockServer is not running; use `async with MockServer(...)`")
         return f"http://{self._host}:{self._port}/v1"
 
-    def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
-
     def stats(self) -> dict[str, Any]:
         """Counters and per-second timeline since start or the last reset (same as GET /stats)."""
-        return self._stats.as_dict(self._now())
+        st = self._stats
+        st.in_flight, st.queued = self._in_flight, len(self._waiters)
+        return st.as_dict(self._clock())
 
     def reset(self) -> None:
-        """Zero the counters, refill the buckets and reseed, so benchmark runs start alike."""
-        now = self._now()
-        self._stats = _Stats(now)
-        self._limiter.fill(now)
-        self._rng.seed(self.config.seed)
+        """Zero the counters, refill the buckets, reseed and drop scripted faults, so runs start alike."""
+        now = self._clock()
+        self._stats = Stats(now)
+        cfg = self.config
+        self._scopes.clear()
+        self._default_scope = self._dialect.scope(cfg.rpm, cfg.tpm, cfg.otpm, now)
+        self._rng.seed(cfg.seed)
+        self._plan.clear()
+
+    def inject(self, *faults: str) -> None:
+        """Make the next requests, in arrival order, get these faults (one spec per request).
+
+        A spec is a fault name, optionally with an argument (``"server_error:503"``, ``"slow:2000"``), or several
+        joined by ``+``; see `scheduler.mock.faults`. Each valid request (past the key check and OpenAI's 400s)
+        takes the next spec; one the rate limiter refuses leaves its spec for the next request, except the
+        refusals (quota, retry_after_long, flex_unavailable), which answer before the limiter.
+
+        Raises:
+            ValueError: an unknown fault or a bad argument (nothing is queued).
+        """
+        self._plan.inject(faults)
+
+    def pending_faults(self) -> list[str]:
+        """Scripted faults not yet taken by a request."""
+        return self._plan.pending()
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -184,455 +163,389 @@ class MockServer:
         r.add_post("/v1/embeddings", self._embeddings)
         r.add_post("/v1/responses", self._responses)
         r.add_get("/v1/models", self._models)
+        # Azure OpenAI's paths (the deployment names the model when the body does not).
+        r.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
+        r.add_post("/openai/deployments/{deployment}/embeddings", self._embeddings)
         r.add_get("/stats", self._get_stats)
         r.add_post("/stats/reset", self._reset_stats)
+        r.add_get("/mock/faults", self._get_faults)
+        r.add_post("/mock/faults", self._post_faults)
+        r.add_delete("/mock/faults", self._delete_faults)
         # Catch-all last: unknown paths and wrong methods get OpenAI's 404 body, not aiohttp's text.
         r.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
-    # -- endpoints ---------------------------------------------------------------------------------
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, _parse_chat, _render_chat)
-
-    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, _parse_embeddings, _render_embeddings)
-
-    async def _responses(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, _parse_responses, _render_responses)
+    # -- control endpoints -------------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        headers = self._limiter.headers(self._now())
-        headers["x-request-id"] = _request_id()
-        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+        now = self._clock()
+        headers = self._headers(self._default_scope, now)
+        if not self._authorized(request):
             return _invalid_key(headers)
         created = 1_700_000_000
         data = [{"id": m, "object": "model", "created": created, "owned_by": "mock"} for m in MODELS]
-        return _json({"object": "list", "data": data}, 200, headers)
+        return json_response({"object": "list", "data": data}, 200, headers)
 
     async def _get_stats(self, request: web.Request) -> web.StreamResponse:
-        return _json(self.stats(), 200, {"x-request-id": _request_id()})
+        return json_response(self.stats(), 200, {"x-request-id": request_id()})
 
     async def _reset_stats(self, request: web.Request) -> web.StreamResponse:
         self.reset()
-        return _json(self.stats(), 200, {"x-request-id": _request_id()})
+        return json_response(self.stats(), 200, {"x-request-id": request_id()})
+
+    async def _get_faults(self, request: web.Request) -> web.StreamResponse:
+        return json_response({"pending": self._plan.pending()}, 200, {})
+
+    async def _post_faults(self, request: web.Request) -> web.StreamResponse:
+        """POST /mock/faults with a JSON list of fault specs (or {"faults": [...]}): queue them."""
+        try:
+            body = orjson.loads(await request.read())
+            specs = body.get("faults") if isinstance(body, dict) else body
+            if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+                raise ValueError('expected a JSON list of fault specs, e.g. ["html", "server_error:503"]')
+            self._plan.inject(specs)
+        except (orjson.JSONDecodeError, ValueError) as e:
+            return error_response(400, str(e), "invalid_request_error", None, None, {})
+        return json_response({"pending": self._plan.pending()}, 200, {})
+
+    async def _delete_faults(self, request: web.Request) -> web.StreamResponse:
+        self._plan.clear()
+        return json_response({"pending": []}, 200, {})
 
     async def _not_found(self, request: web.Request) -> web.StreamResponse:
         self._stats.requests += 1
         self._stats.bad_requests += 1
-        return _error(
-            404,
-            f"Invalid URL ({request.method} {request.path})",
-            "invalid_request_error",
-            None,
-            None,
-            {"x-request-id": _request_id()},
+        return error_response(
+            404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error", None, None,
+            {"x-request-id": request_id()},
         )
 
     # -- the common path of an API request ---------------------------------------------------------
 
-    async def _handle(self, request: web.Request, parse: _Parser, render: _Renderer) -> web.StreamResponse:
-        """Auth, quota, parse, rate limit, faults, latency, then `render`."""
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, parse_chat)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, parse_embeddings)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, parse_responses)
+
+    def _authorized(self, request: web.Request) -> bool:
+        cfg = self.config
+        if self._keys is not None:
+            return _given_key(request) in self._keys
+        return cfg.api_key is None or _given_key(request) == cfg.api_key
+
+    def _headers(self, scope: Scope | None, now: float) -> dict[str, str]:
+        headers = self._dialect.base_headers(now)
+        if scope is not None and self.config.rate_limit_headers:
+            scope.write_headers(now, headers)
+        return headers
+
+    def _early_headers(self, now: float) -> dict[str, str]:
+        """Headers of an answer given before the request's scope is known (401, quota, 400)."""
+        return self._headers(self._default_scope if self._simple else None, now)
+
+    def _scope(self, key: str | None, model: str, now: float) -> Scope:
+        cfg = self.config
+        limits = self._keys[key] if self._keys is not None and key is not None else None
+        models = limits.model_limits if limits is not None and limits.model_limits is not None else cfg.model_limits
+        if model in models:
+            scope_key: tuple[str | None, str | None] = (key, model)
+            rpm, tpm, otpm = models[model]
+        else:
+            scope_key = (key, None)
+            rpm, tpm, otpm = (limits.rpm, limits.tpm, limits.otpm) if limits is not None else (
+                cfg.rpm, cfg.tpm, cfg.otpm)
+        scope = self._scopes.get(scope_key)
+        if scope is None:
+            if scope_key == (None, None):
+                scope = self._default_scope
+            else:
+                scope = self._scopes[scope_key] = self._dialect.scope(rpm, tpm, otpm, now)
+        return scope
+
+    async def _handle(self, request: web.Request, parse: Parser) -> web.StreamResponse:
         cfg = self.config
         st = self._stats
         st.requests += 1
-        now = self._now()
-        limiter = self._limiter
+        now = self._clock()
+        dialect = self._dialect
 
-        if self._auth is not None and request.headers.get("Authorization") != self._auth:
-            st.unauthorized += 1
-            return _invalid_key(_headers(limiter, now))
+        key: str | None = None
+        if self._keyed:
+            given = _given_key(request)
+            if (given not in self._keys) if self._keys is not None else (given != cfg.api_key):
+                st.unauthorized += 1
+                return _invalid_key(self._early_headers(now))
+            if self._keys is not None:
+                key = given
         if cfg.quota_after is not None and st.admitted >= cfg.quota_after:
             st.quota += 1
-            return _error(
-                429,
-                "You exceeded your current quota, please check your plan and billing details.",
-                "insufficient_quota",
-                None,
-                "insufficient_quota",
-                _headers(limiter, now),
-            )
+            return _quota(self._early_headers(now))
         try:
             body = orjson.loads(await request.read())
             if not isinstance(body, dict):
-                raise _BadRequest("The request body must be a JSON object.")
+                raise BadRequest("The request body must be a JSON object.")
+            if "model" not in body and "deployment" in request.match_info:
+                body["model"] = request.match_info["deployment"]
             job = parse(body, cfg)
         except orjson.JSONDecodeError:
             st.bad_requests += 1
-            return _error(
-                400,
-                "We could not parse the JSON body of your request.",
-                "invalid_request_error",
-                None,
-                None,
-                _headers(limiter, now),
-            )
-        except _BadRequest as e:
+            return error_response(400, "We could not parse the JSON body of your request.",
+                                  "invalid_request_error", None, None, self._early_headers(now))
+        except BadRequest as e:
             st.bad_requests += 1
-            return _error(400, e.message, "invalid_request_error", e.param, e.code, _headers(limiter, now))
+            return error_response(400, e.message, e.type, e.param, e.code, self._early_headers(now))
 
-        refusal = limiter.admit(job.cost, now)
+        scope = self._default_scope if self._simple else self._scope(key, job.model, now)
+        per_model = st.per_model.get(job.model) or st.counters(st.per_model, job.model)
+        per_model[0] += 1
+        per_key: list[int] | None = None
+        if key is not None:
+            label = _label(key)
+            per_key = st.per_key.get(label) or st.counters(st.per_key, label)
+            per_key[0] += 1
+
+        plan = self._plan
+        rng = self._rng
+        faults: tuple[Fault, ...] = plan.pop() if plan.script else ()
+        if not faults and plan.refusals_drawn:
+            faults = plan.draw_refusal(rng, job.tier == "flex")
+        if faults:
+            refused = self._refusal(faults, job, scope, request, now)
+            if refused is not None:
+                return refused
+        if job.tier == "flex":
+            if cfg.flex_capacity < 1.0 and rng.random() >= cfg.flex_capacity:
+                st.flex_unavailable += 1
+                return _flex_unavailable(self._headers(scope, now))
+            st.flex_served += 1
+
+        refusal = scope.check_in(job, now)
         if refusal is not None:
+            if faults:
+                plan.push_back(faults)  # the next admitted request gets them
             st.rate_limited += 1
             st.second(now)[2] += 1
-            return _rate_limited(refusal, job.model, cfg, _headers(limiter, now))
+            per_model[2] += 1
+            if per_key is not None:
+                per_key[2] += 1
+            return dialect.rate_limited(refusal, job, self._headers(scope, now), request)
         st.admitted += 1
         st.admitted_tokens += job.cost
         sec = st.second(now)
         sec[0] += 1
         sec[1] += job.cost
-        headers = _headers(limiter, now)
+        per_model[3] += job.cost
+        if per_key is not None:
+            per_key[3] += job.cost
+        headers = self._headers(scope, now)
 
-        rng = self._rng
         if cfg.drop_rate > 0 and rng.random() < cfg.drop_rate:
-            st.dropped += 1
-            if request.transport is not None:
-                request.transport.close()
-            # Nothing reaches the client: aiohttp's write of this response fails on the closed
-            # transport and is ignored as a client disconnection.
-            return web.Response(status=500)
+            return self._drop(request)
         if cfg.error_rate > 0 and rng.random() < cfg.error_rate:
-            st.server_errors += 1
-            status = rng.choice((500, 502, 503))
-            message = {
-                500: "The server had an error while processing your request. Sorry about that!",
-                502: "Bad gateway.",
-                503: "The engine is currently overloaded, please try again later.",
-            }[status]
-            return _error(status, message, "server_error", None, None, headers)
+            return self._server_error(rng.choice((500, 502, 503)), headers)
+        if not faults and plan.drawn:
+            faults = plan.draw(rng, job.stream)
+        names = _NO_FAULTS
+        if faults:
+            names = frozenset(f.name for f in faults)
+            replaced = self._outcome(request, faults, names, headers, now)
+            if replaced is not None:
+                return replaced
 
-        delay_ms = cfg.latency_ms
-        if delay_ms > 0 and cfg.latency_sigma > 0:
-            delay_ms *= math.exp(rng.gauss(0.0, cfg.latency_sigma))
-        if cfg.slow_rate > 0 and rng.random() < cfg.slow_rate:
-            delay_ms += cfg.slow_ms
-        if delay_ms > 0:
-            await asyncio.sleep(delay_ms / 1000.0)
+        if cfg.capacity is not None and not await self._acquire():
+            st.overloaded += 1
+            return dialect.overloaded(cfg.overload_status, headers)
+        try:
+            delay_ms = cfg.latency_ms
+            if delay_ms > 0 and cfg.latency_sigma > 0:
+                delay_ms *= math.exp(rng.gauss(0.0, cfg.latency_sigma))
+            if cfg.slow_rate > 0 and rng.random() < cfg.slow_rate:
+                delay_ms += cfg.slow_ms
+            if job.tier == "flex":
+                delay_ms += cfg.flex_latency_ms
+            for f in faults:
+                if f.name == "slow":
+                    delay_ms += f.number(cfg.slow_ms)
+            if delay_ms > 0:
+                await asyncio.sleep(delay_ms / 1000.0)
+            return await self._answer(request, body, job, scope, per_key, headers, faults, names)
+        finally:
+            if cfg.capacity is not None:
+                self._release()
 
+    def _outcome(
+        self, request: web.Request, faults: tuple[Fault, ...], names: frozenset[str], headers: dict[str, str],
+        now: float,
+    ) -> web.StreamResponse | None:
+        """Count an admitted request's faults, bend its headers, and answer in place of the model if one says so."""
+        st = self._stats
+        for f in faults:
+            st.faults[f.name] += 1
+            if f.name.startswith("headers_"):
+                corrupt_headers(headers, f.name)
+        if "drop" in names:
+            return self._drop(request)
+        for f in faults:
+            if f.name == "server_error":
+                return self._server_error(int(f.arg) if f.arg else self._rng.choice((500, 502, 503)), headers)
+        if "html" in names:
+            base = self._dialect.base_headers(now)  # a proxy's page carries none of the API's headers
+            return web.Response(body=HTML_PAGE, status=200, headers=base, content_type="text/html")
+        if "bad_shape" in names:
+            return web.Response(body=BAD_SHAPE, status=200, headers=headers, content_type="application/json")
+        return None
+
+    def _refusal(
+        self, faults: tuple[Fault, ...], job: Job, scope: Scope, request: web.Request, now: float
+    ) -> web.StreamResponse | None:
+        """Answer a refusal fault (before the limiter, charging nothing), if there is one."""
+        for f in faults:
+            if f.name not in REFUSALS:
+                continue
+            st = self._stats
+            headers = self._headers(scope, now)
+            for g in faults:
+                st.faults[g.name] += 1
+                if g.name.startswith("headers_"):
+                    corrupt_headers(headers, g.name)
+            if f.name == "quota":
+                st.quota += 1
+                return _quota(headers)
+            if f.name == "flex_unavailable":
+                st.flex_unavailable += 1
+                return _flex_unavailable(headers)
+            st.rate_limited += 1
+            seconds = f.number(self.config.retry_after_long_s)
+            refusal = Refusal("requests", self.config.rpm or 0, self.config.rpm or 0, 1, seconds, False)
+            return self._dialect.rate_limited(refusal, job, headers, request)
+        return None
+
+    async def _answer(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        job: Job,
+        scope: Scope,
+        per_key: list[int] | None,
+        headers: dict[str, str],
+        faults: tuple[Fault, ...],
+        names: frozenset[str],
+    ) -> web.StreamResponse:
+        cfg = self.config
+        st = self._stats
+        stream_fault: str | None = None
+        invalid_schema = False
+        filled = False
+        for f in faults:
+            if f.name.startswith("stream_"):
+                stream_fault = f.name
+            elif f.name == "invalid_json":
+                invalid_schema = f.arg == "schema"
+            elif f.name == "max_output":
+                filled = True
+                if job.cap is not None:
+                    job.completion_tokens = job.cap
+                else:
+                    job.completion_tokens = int(f.number(cfg.long_output_tokens))
+                    job.cut = True
+        if cfg.fill_output_cap and job.cap is not None and not filled:
+            filled = True
+            job.completion_tokens = job.cap
+
+        if job.endpoint == "embeddings":
+            st.embedding_requests += 1
+            st.embedding_inputs[job.n] += 1
+            payload = embeddings_body(job, body)
+        else:
+            answer = compose(job, cfg, names, invalid_schema, filled)
+            if job.stream:
+                resp = await stream_chat(request, job, answer, headers, stream_fault)
+                self._done(job, scope, per_key)
+                return resp
+            payload = chat_body(job, answer) if job.endpoint == "chat" else responses_body(job, body, answer)
+        data = orjson.dumps(payload)
+        self._done(job, scope, per_key)
+        if stream_fault is not None:
+            return await broken_json(request, data, headers, stream_fault)
+        return web.Response(body=data, status=200, headers=headers, content_type="application/json")
+
+    def _done(self, job: Job, scope: Scope, per_key: list[int] | None) -> None:
+        st = self._stats
         st.ok += 1
         st.prompt_tokens += job.prompt_tokens
         st.completion_tokens += job.completion_tokens * job.n
-        return await render(request, body, job, headers)
+        per_model = st.per_model.get(job.model)  # absent when /stats/reset came while this was in flight
+        if per_model is not None:
+            per_model[1] += 1
+        if per_key is not None:
+            per_key[1] += 1
+        if self._dialect.settles:
+            scope.settle(job, self._clock())
 
+    def _drop(self, request: web.Request) -> web.StreamResponse:
+        self._stats.dropped += 1
+        if request.transport is not None:
+            request.transport.close()
+        # Nothing reaches the client: aiohttp's write of this response fails on the closed
+        # transport and is ignored as a client disconnection.
+        return web.Response(status=500)
 
-# -- parsing ---------------------------------------------------------------------------------------
+    def _server_error(self, status: int, headers: dict[str, str]) -> web.StreamResponse:
+        self._stats.server_errors += 1
+        return error_response(status, _SERVER_ERRORS[status], "server_error", None, None, headers)
 
+    # -- capacity ----------------------------------------------------------------------------------
 
-def _model(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _BadRequest("you must provide a model parameter", "model", "missing_required_parameter")
-    return model
+    async def _acquire(self) -> bool:
+        """Take a processing slot, waiting in line if all are busy; False when the line is full."""
+        cfg = self.config
+        assert cfg.capacity is not None
+        if self._in_flight < cfg.capacity and not self._waiters:
+            self._in_flight += 1
+            return True
+        if cfg.max_queue is not None and len(self._waiters) >= cfg.max_queue:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        st = self._stats
+        st.max_queued = max(st.max_queued, len(self._waiters))
+        try:
+            await waiter  # _release hands its slot over
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot was handed over as the client went away: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        return True
 
-
-def _positive_int(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _BadRequest(
-            f"Invalid '{name}': expected an integer >= 1, got {value!r}.", name, "invalid_value"
-        )
-    return value
-
-
-def _content_text(content: Any) -> str:
-    """Text of a message content: a string, or the `text` of its parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def _estimate(chars: int, cfg: MockConfig) -> int:
-    """Prompt tokens as OpenAI's limiter estimates them: from characters, not a tokenizer."""
-    return math.ceil(chars / cfg.chars_per_token)
-
-
-def _job(model: str, chars: int, cap: int | None, n: int, text: str, cfg: MockConfig) -> _Job:
-    prompt = _estimate(chars, cfg)
-    out_cap = cfg.completion_tokens if cap is None else cap
-    return _Job(
-        model=model,
-        prompt_tokens=prompt,
-        completion_tokens=min(out_cap, cfg.completion_tokens),
-        n=n,
-        hit_cap=cap is not None and cap <= cfg.completion_tokens,
-        # OpenAI charges the full output cap of every choice up front.
-        cost=prompt + out_cap * n,
-        words=text.split()[:64],
-    )
-
-
-def _parse_chat(body: dict[str, Any], cfg: MockConfig) -> _Job:
-    model = _model(body)
-    messages = body.get("messages")
-    if messages is None:
-        raise _BadRequest("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise _BadRequest("Invalid 'messages': expected a non-empty array.", "messages", "invalid_value")
-    chars = 0
-    text = ""
-    for m in messages:
-        if not isinstance(m, dict):
-            raise _BadRequest(
-                "Invalid 'messages': each message must be an object.", "messages", "invalid_type"
-            )
-        text = _content_text(m.get("content"))
-        chars += len(text)
-    cap = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
-    n = _positive_int(body, "n") or 1
-    return _job(model, chars, cap, n, text, cfg)
-
-
-def _embedding_inputs(body: dict[str, Any]) -> list[str]:
-    inputs = body.get("input")
-    if isinstance(inputs, str):
-        return [inputs]
-    if isinstance(inputs, list) and inputs and all(isinstance(s, str) for s in inputs):
-        return inputs
-    if inputs is None:
-        raise _BadRequest("Missing required parameter: 'input'.", "input", "missing_required_parameter")
-    raise _BadRequest(
-        "Invalid 'input': expected a string or a non-empty array of strings.", "input", "invalid_type"
-    )
-
-
-def _parse_embeddings(body: dict[str, Any], cfg: MockConfig) -> _Job:
-    model = _model(body)
-    inputs = _embedding_inputs(body)
-    prompt = _estimate(sum(len(s) for s in inputs), cfg)
-    return _Job(model, prompt, 0, len(inputs), False, prompt, [])
-
-
-def _parse_responses(body: dict[str, Any], cfg: MockConfig) -> _Job:
-    model = _model(body)
-    if body.get("stream"):
-        raise _BadRequest("The mock server does not stream the Responses API.", "stream", "unsupported_value")
-    inp = body.get("input")
-    instructions = body.get("instructions")
-    chars = len(instructions) if isinstance(instructions, str) else 0
-    if isinstance(inp, str):
-        text = inp
-        chars += len(inp)
-    elif isinstance(inp, list):
-        text = ""
-        for item in inp:
-            if isinstance(item, dict):
-                text = _content_text(item.get("content", item.get("output")))
-                chars += len(text)
-    elif inp is None:
-        raise _BadRequest("Missing required parameter: 'input'.", "input", "missing_required_parameter")
-    else:
-        raise _BadRequest("Invalid 'input': expected a string or an array.", "input", "invalid_type")
-    return _job(model, chars, _positive_int(body, "max_output_tokens"), 1, text, cfg)
-
-
-# -- rendering -------------------------------------------------------------------------------------
-
-
-def _reply_words(source: list[str], count: int) -> list[str]:
-    """`count` words, deterministic from the prompt: "Mock reply:" then the prompt's words, cycled."""
-    words = ["Mock", "reply:"]
-    src = source or list(_FILLER)
-    i = 0
-    while len(words) < count:
-        words.append(src[i % len(src)])
-        i += 1
-    return words[:count]
-
-
-def _chat_usage(job: _Job) -> dict[str, Any]:
-    completion = job.completion_tokens * job.n
-    return {
-        "prompt_tokens": job.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": job.prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-    }
-
-
-def _embedding(text: str) -> list[float]:
-    """A unit vector that depends only on `text`."""
-    rnd = random.Random(zlib.crc32(text.encode()))
-    vec = [rnd.uniform(-1.0, 1.0) for _ in range(EMBEDDING_DIM)]
-    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-    return [v / norm for v in vec]
-
-
-async def _render_chat(
-    request: web.Request, body: dict[str, Any], job: _Job, headers: dict[str, str]
-) -> web.StreamResponse:
-    words = _reply_words(job.words, job.completion_tokens)
-    finish = "length" if job.hit_cap else "stop"
-    cid = "chatcmpl-" + os.urandom(12).hex()
-    created = int(time.time())
-    usage = _chat_usage(job)
-    if not body.get("stream"):
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": " ".join(words),
-            "refusal": None,
-            "annotations": [],
-        }
-        choices = [
-            {"index": i, "message": message, "logprobs": None, "finish_reason": finish} for i in range(job.n)
-        ]
-        out = {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": job.model,
-            "choices": choices,
-            "usage": usage,
-            "service_tier": "default",
-            "system_fingerprint": "fp_mock",
-        }
-        return _json(out, 200, headers)
-
-    opts = body.get("stream_options")
-    include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-    base: dict[str, Any] = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": job.model,
-        "service_tier": "default",
-        "system_fingerprint": "fp_mock",
-    }
-    if include_usage:
-        base["usage"] = None  # as OpenAI: every chunk but the last has "usage": null
-
-    def chunk(i: int, delta: dict[str, Any], finish_reason: str | None) -> bytes:
-        c = {
-            **base,
-            "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-        return b"data: " + orjson.dumps(c) + b"\n\n"
-
-    parts: list[bytes] = []
-    for i in range(job.n):
-        parts.append(chunk(i, {"role": "assistant", "content": "", "refusal": None}, None))
-        parts.extend(chunk(i, {"content": w if j == 0 else " " + w}, None) for j, w in enumerate(words))
-        parts.append(chunk(i, {}, finish))
-    if include_usage:
-        parts.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
-    parts.append(b"data: [DONE]\n\n")
-
-    resp = web.StreamResponse(headers=headers)
-    resp.content_type = "text/event-stream"
-    resp.headers["Cache-Control"] = "no-cache"
-    await resp.prepare(request)
-    # The latency was already spent before the first byte; pacing chunks would only slow benchmarks.
-    await resp.write(b"".join(parts))
-    await resp.write_eof()
-    return resp
-
-
-async def _render_embeddings(
-    request: web.Request, body: dict[str, Any], job: _Job, headers: dict[str, str]
-) -> web.StreamResponse:
-    as_base64 = body.get("encoding_format") == "base64"
-    data: list[dict[str, Any]] = []
-    for i, text in enumerate(_embedding_inputs(body)):
-        vec = _embedding(text)
-        emb: Any = base64.b64encode(struct.pack(f"<{EMBEDDING_DIM}f", *vec)).decode() if as_base64 else vec
-        data.append({"object": "embedding", "index": i, "embedding": emb})
-    usage = {"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens}
-    return _json({"object": "list", "data": data, "model": job.model, "usage": usage}, 200, headers)
-
-
-async def _render_responses(
-    request: web.Request, body: dict[str, Any], job: _Job, headers: dict[str, str]
-) -> web.StreamResponse:
-    text = " ".join(_reply_words(job.words, job.completion_tokens))
-    message = {
-        "type": "message",
-        "id": "msg_" + os.urandom(12).hex(),
-        "status": "completed",
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
-    }
-    out = {
-        "id": "resp_" + os.urandom(12).hex(),
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": "incomplete" if job.hit_cap else "completed",
-        "incomplete_details": {"reason": "max_output_tokens"} if job.hit_cap else None,
-        "error": None,
-        "model": job.model,
-        "instructions": body.get("instructions"),
-        "max_output_tokens": body.get("max_output_tokens"),
-        "output": [message],
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
-        "usage": {
-            "input_tokens": job.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": job.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": job.prompt_tokens + job.completion_tokens,
-        },
-    }
-    return _json(out, 200, headers)
-
-
-# -- responses -------------------------------------------------------------------------------------
-
-
-def _request_id() -> str:
-    return "req_" + os.urandom(16).hex()
-
-
-def _headers(limiter: RateLimiter, now: float) -> dict[str, str]:
-    headers = limiter.headers(now)
-    headers["x-request-id"] = _request_id()
-    return headers
-
-
-def _json(obj: Any, status: int, headers: dict[str, str]) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json"
-    )
-
-
-def _error(
-    status: int, message: str, type_: str, param: str | None, code: str | None, headers: dict[str, str]
-) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return _json(body, status, headers)
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._in_flight -= 1
 
 
 def _invalid_key(headers: dict[str, str]) -> web.Response:
     # Never echo the key back: the body may end up in logs.
     message = "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
-    return _error(401, message, "invalid_request_error", None, "invalid_api_key", headers)
+    return error_response(401, message, "invalid_request_error", None, "invalid_api_key", headers)
 
 
-def _rate_limited(refusal: Refusal, model: str, cfg: MockConfig, headers: dict[str, str]) -> web.Response:
-    unit = "requests per min (RPM)" if refusal.kind == "requests" else "tokens per min (TPM)"
-    where = f"for {model} in organization {_ORG} on {unit}"
-    if refusal.too_large:
-        burst = refusal.limit * cfg.quantum_s / 60.0
-        message = (
-            f"Request too large {where}: Limit {refusal.limit} ({burst:g} per {cfg.quantum_s:g}s burst), "
-            f"Requested {refusal.requested}. The input or output tokens must be reduced in order to run "
-            f"successfully. {_LIMITS_URL}"
-        )
-        # No retry-after: waiting cannot make this request fit.
-    else:
-        retry_ms = max(1, math.ceil(refusal.retry_after_s * 1000))
-        message = (
-            f"Rate limit reached {where}: Limit {refusal.limit}, Used {refusal.used}, "
-            f"Requested {refusal.requested}. Please try again in {format_duration(retry_ms / 1000)}. "
-            + _LIMITS_URL
-        )
-        headers["retry-after-ms"] = str(retry_ms)
-        headers["retry-after"] = str(math.ceil(retry_ms / 1000))
-    return _error(429, message, refusal.kind, None, "rate_limit_exceeded", headers)
+def _flex_unavailable(headers: dict[str, str]) -> web.Response:
+    # Documented as "429 Resource Unavailable" (not charged); the exact body was not found, so the code names it.
+    return error_response(429, _FLEX_UNAVAILABLE, "resource_unavailable", None, "resource_unavailable", headers)
+
+
+def _quota(headers: dict[str, str]) -> web.Response:
+    message = "You exceeded your current quota, please check your plan and billing details."
+    return error_response(429, message, "insufficient_quota", None, "insufficient_quota", headers)
 
 
 async def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 8000) -> None:

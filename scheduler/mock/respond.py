@@ -1,0 +1,32 @@
+"""Small builders of HTTP answers shared by the mock's modules."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+def random_hex(digits: int) -> str:
+    """`digits` random hex digits (`digits` even)."""
+    return os.urandom(digits // 2).hex()
+
+
+def request_id() -> str:
+    """An OpenAI-style request id ("req_" and 32 hex digits)."""
+    return "req_" + random_hex(32)
+
+
+def json_response(obj: Any, status: int, headers: dict[str, str]) -> web.Response:
+    """`obj` as a JSON answer."""
+    return web.Response(body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json")
+
+
+def error_response(
+    status: int, message: str, type_: str | None, param: str | None, code: Any, headers: dict[str, str]
+) -> web.Response:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return json_response(body, status, headers)
