@@ -10,6 +10,7 @@
         ├── RequestTooLarge         the request alone needs more tokens than the whole token limit
         ├── RetriesExhausted        retryable failures (429, 5xx, timeouts, dropped connections) up to max_attempts
         ├── DeadlineExceeded        the job's deadline passed before it succeeded
+        ├── BatchFailed             the Batch API failed the whole batch holding the job (its input file was refused)
         └── RunStopped              a run-fatal error stopped all admission; the job was not (or not fully) run
             ├── QuotaExhausted      429 insufficient_quota or a billing code: retrying cannot help
             ├── AuthenticationFailed 401/403: the API key was refused
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthenticationFailed",
+    "BatchFailed",
     "BudgetExhausted",
     "ConfigurationError",
     "DeadlineExceeded",
@@ -87,6 +89,13 @@ class DeadlineExceeded(JobError):
     """Raised when a job's deadline passed before it succeeded."""
 
     code = "deadline_exceeded"
+
+
+class BatchFailed(JobError):
+    """Raised for the requests of a batch that the Batch API failed as a whole: its input file did not pass
+    validation (``errors.data`` of the batch says why), so none of its requests ran."""
+
+    code = "batch_failed"
 
 
 class RunStopped(JobError):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .batch_config import BatchMockConfig, add_batch_arguments, batch_config_from_args
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,7 @@ class MockConfig:
     api_key: str | None = None  # if set, any other bearer key gets 401
     completion_tokens: int = 16  # completion tokens generated when the request has no output cap
     chars_per_token: float = 4.0  # how the server estimates prompt tokens for rate limiting
+    batch: BatchMockConfig = field(default_factory=BatchMockConfig)  # the Batch API's pace, limits and faults
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
@@ -133,6 +136,7 @@ def add_mock_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.chars_per_token,
         help=f"characters per token when estimating prompt tokens (default {d.chars_per_token:g})",
     )
+    add_batch_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -153,4 +157,5 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         api_key=args.api_key,
         completion_tokens=getattr(args, "completion_tokens", d.completion_tokens),
         chars_per_token=getattr(args, "chars_per_token", d.chars_per_token),
+        batch=batch_config_from_args(args),
     )

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .batches import BatchMock
 from .config import MockConfig
 from .ratelimit import RateLimiter, Refusal, format_duration
 
@@ -128,6 +129,7 @@ class MockServer:
         self._limiter = RateLimiter(config.rpm, config.tpm, config.quantum_s, 0.0)
         self._stats = _Stats(0.0)
         self._runner: web.AppRunner | None = None
+        self.batches = BatchMock(config, self._now)  # the Files and Batches APIs, with their counters and faults
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -186,6 +188,7 @@ class MockServer:
         r.add_get("/v1/models", self._models)
         r.add_get("/stats", self._get_stats)
         r.add_post("/stats/reset", self._reset_stats)
+        self.batches.add_routes(app)
         # Catch-all last: unknown paths and wrong methods get OpenAI's 404 body, not aiohttp's text.
         r.add_route("*", "/{tail:.*}", self._not_found)
         return app
