@@ -461,6 +461,25 @@ async def test_stop_before_anything_was_submitted_hands_everything_back(tmp_path
 
 
 @pytest.mark.anyio
+async def test_batches_the_api_fails_or_refuses_become_error_results(tmp_path: Path) -> None:
+    # The mock takes 5 requests a file and 2,000 bytes an upload; our limits are set too high on purpose.
+    async with mock(BatchMockConfig(step_s=0.01, max_requests=5, max_bytes=2_000)) as (server, client):
+        results = await collect(run(chats(8), client, tmp_path / "a"))
+        once(results, [f"r{i}" for i in range(8)])
+        assert {(r.error.code if r.error else None) for r in results} == {"batch_failed"}
+        assert all("too_many_tasks" in (r.error.message if r.error else "") for r in results)
+        assert server.batches.creates == 1  # a validation failure is final: not submitted again
+
+        big = [Request({**chat(i).body, "messages": [{"role": "user", "content": "x" * 300}]}, CHAT, f"b{i}")
+               for i in range(5)]
+        results = await collect(run(big, client, tmp_path / "b"))
+        assert {(r.error.code if r.error else None) for r in results} == {"batch_failed"}
+        assert all("refused the upload" in (r.error.message if r.error else "") for r in results)
+        assert server.batches.creates == 1
+        assert await collect(run(big, client, tmp_path / "b")) == []  # ended and delivered: a rerun is quiet
+
+
+@pytest.mark.anyio
 async def test_bad_requests_are_refused_before_anything_is_sent(tmp_path: Path) -> None:
     async with mock() as (server, client):
         cases: list[tuple[list[Request], str]] = [
@@ -479,9 +498,12 @@ async def test_bad_requests_are_refused_before_anything_is_sent(tmp_path: Path) 
 
 @pytest.mark.anyio
 async def test_model_fills_bodies_without_one_and_done_ids_are_not_planned(tmp_path: Path) -> None:
-    requests = [Request({"messages": [{"role": "user", "content": f"q{i}"}]}, CHAT, f"q{i}") for i in range(4)]
+    async def requests() -> AsyncIterator[Request]:  # an async source is read like a plain one
+        for i in range(4):
+            yield Request({"messages": [{"role": "user", "content": f"q{i}"}]}, CHAT, f"q{i}")
+
     async with mock() as (_, client):
-        results = await collect(run(requests, client, tmp_path / "s", model="gpt-4o", done={"q0"}))
+        results = await collect(run(requests(), client, tmp_path / "s", model="gpt-4o", done={"q0"}))
         once(results, ["q1", "q2", "q3"])
         assert {r.model for r in results} == {"gpt-4o"}
         assert results[0].cost_usd is not None

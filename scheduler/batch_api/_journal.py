@@ -20,9 +20,13 @@ Records (``"type"`` first; ``part`` numbers a request file, ``try`` the submissi
                                                                     the batch failed for the enqueued-token limit:
                                                                     the part is submitted again later
     {"type": "end", "part": 3, "batch_id": "...", "status": "completed", "output_file_id": "...",
-     "error_file_id": "...", "created_at": <unix>, "ended_at": <unix>, "final": 497, "retry": ["id-7", ...],
-     "errors": null}                                                the batch ended; its lines with a final result
-                                                                    are in its files, "retry" need another batch
+     "error_file_id": "...", "created_at": <unix>, "ended_at": <unix>, "stopped": false,
+     "succeeded": 495, "failed": 2, "cost_usd": 0.0123, "retry": ["id-7", ...]}
+                                                                    the batch ended; its lines with a final result
+                                                                    are in its files, "retry" need another batch;
+                                                                    "stopped": cancelled by a cut-over. A part the
+                                                                    API failed as a whole has "status": "failed"
+                                                                    and "errors": {"code", "message"} instead
     {"type": "delivered", "part": 3}                               every final result of the part was handed out
     {"type": "cancel", "batch_ids": [...], "t": <unix>}            cancels requested (scheduler batches cancel)
 """
@@ -241,6 +245,7 @@ def replay(records: list[dict[str, Any]]) -> JournalState:
             part.refusals += 1
         elif kind == "end":
             part.end = record
+            part.in_doubt = False  # an outright refusal of the create ends the part with no batch record
             part.batch_id = record.get("batch_id", part.batch_id)
         else:
             part.delivered = True

@@ -549,8 +549,9 @@ class BatchRun:
                 return None
             # Refused outright: no batch exists, and sending the same file again would be refused again.
             part.in_doubt = False
+            what = "batch" if part.file_id else "upload of the batch input file"
             return self._fail_part(part, "batch_create_refused" if part.file_id else "upload_refused",
-                                   f"the API refused the batch ({exc.status_code}): {redact(exc.message)}")
+                                   f"the API refused the {what} ({exc.status_code}): {redact(exc.message)}")
         except openai.APIError as exc:  # no answer: the batch may exist; settled by listing
             log.warning("batch_submit_failed", part=part.number, detail=redact(str(exc)), in_doubt=part.in_doubt)
             return None
