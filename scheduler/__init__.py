@@ -2,7 +2,12 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .batch_api import BatchLimits as BatchLimits
+from .batch_api import BatchRun as BatchRun
+from .batch_api import cancel_batches as cancel_batches
+from .batch_api import run_batch as run_batch
 from .errors import AuthenticationFailed as AuthenticationFailed
+from .errors import BatchFailed as BatchFailed
 from .errors import BudgetExhausted as BudgetExhausted
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DeadlineExceeded as DeadlineExceeded
@@ -36,6 +41,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "AuthenticationFailed",
     "Backoff",
+    "BatchFailed",
+    "BatchLimits",
+    "BatchRun",
     "BudgetExhausted",
     "CallbackSink",
     "ConfigurationError",
@@ -59,4 +67,6 @@ __all__ = [
     "RunStopped",
     "SchedulerError",
     "Usage",
+    "cancel_batches",
+    "run_batch",
 ]

@@ -14,6 +14,7 @@
         ├── StreamIncomplete        a stream broke off after its first delta was delivered
         ├── DeadlineExceeded        the job's deadline passed before it succeeded
         ├── InternalError           an unexpected exception on the job's path (a bug, a failing sink)
+        ├── BatchFailed             the Batch API failed the whole batch holding the job (its input file was refused)
         └── RunStopped              a run-fatal error stopped all admission; the job was not (or not fully) run
             ├── QuotaExhausted      429 insufficient_quota or a billing code: retrying cannot help
             ├── AuthenticationFailed 401/403: the API key was refused
@@ -38,6 +39,7 @@ __all__ = [
     "INVALID_REQUEST",
     "STOPPED_CODES",
     "AuthenticationFailed",
+    "BatchFailed",
     "BudgetExhausted",
     "ConfigurationError",
     "DeadlineExceeded",
@@ -127,6 +129,13 @@ class InternalError(JobError):
     code = "internal_error"
 
 
+class BatchFailed(JobError):
+    """Raised for the requests of a batch that the Batch API failed as a whole: its input file did not pass
+    validation (``errors.data`` of the batch says why), so none of its requests ran."""
+
+    code = "batch_failed"
+
+
 class RunStopped(JobError):
     """Raised for jobs failed because a run-fatal error stopped admission for the whole pool."""
 
@@ -167,7 +176,8 @@ _JOB_ERRORS: dict[str, type[JobError]] = {
     cls.code: cls
     for cls in (
         RequestRejected, RequestTooLarge, RetriesExhausted, InvalidResponse, StreamIncomplete, DeadlineExceeded,
-        InternalError, RunStopped, QuotaExhausted, AuthenticationFailed, BudgetExhausted, LimiterUnavailable,
+        InternalError, BatchFailed, RunStopped, QuotaExhausted, AuthenticationFailed, BudgetExhausted,
+        LimiterUnavailable,
     )
 }
 

@@ -77,6 +77,10 @@ class Result:
     cost_usd: float | None = None
     #: True when the answer came from the response cache without an API call
     cached: bool = False
+    #: the service tier that answered: "standard", "flex" or "batch" (None: not recorded)
+    tier: str | None = None
+    #: the Batch API batch whose output held this result (tier "batch")
+    batch_id: str | None = None
 
     @property
     def ok(self) -> bool:

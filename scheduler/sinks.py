@@ -43,6 +43,10 @@ def batch_line(result: Result) -> dict[str, Any]:
         extra["cached"] = True
     if result.ok and result.truncated:
         extra["truncated"] = True
+    if result.tier is not None:
+        extra["tier"] = result.tier
+    if result.batch_id is not None:
+        extra["batch_id"] = result.batch_id
     return {
         "id": f"batch_req_{digest}",
         "custom_id": result.custom_id,

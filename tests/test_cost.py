@@ -124,3 +124,42 @@ async def test_truncated_results_are_flagged_counted_and_marked_in_the_batch_lin
     assert pool.statistics().truncated == 1
     assert batch_line(cut)["scheduler"]["truncated"] is True
     assert "truncated" not in batch_line(whole)["scheduler"]
+
+
+def test_batch_costs_half_and_flex_costs_batch_rates_where_offered() -> None:
+    table = PriceTable.load()
+    usage = scheduler.Usage(prompt_tokens=1_000_000, completion_tokens=1_000_000, cached_tokens=400_000)
+    # gpt-4o-mini: 0.6M uncached at $0.15, 0.4M cached at $0.075, 1M output at $0.60 = $0.72 standard.
+    assert table.cost("gpt-4o-mini", usage) == pytest.approx(0.72)
+    assert table.cost("gpt-4o-mini-2024-07-18", usage, tier="batch") == pytest.approx(0.36)
+    assert table.cost("o3", usage, tier="flex") == pytest.approx(table.cost("o3", usage, tier="batch") or -1)
+    flex = table.price("gpt-5", "flex")
+    assert flex is not None and (flex.input, flex.cached_input, flex.output) == (0.625, 0.0625, 5.0)
+    with capture_logs() as logs:
+        assert table.cost("gpt-4o-mini", usage, tier="flex") is None  # gpt-4o-mini has no flex tier
+        assert table.cost("gpt-4o-mini", usage, tier="flex") is None
+    assert [(e["event"], e["tier"]) for e in logs] == [("price_unknown", "flex")]
+    with pytest.raises(scheduler.ConfigurationError, match="unknown tier"):
+        table.price("gpt-4o", "priority")  # type: ignore[arg-type]
+
+
+def test_price_files_may_give_tier_prices(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_bytes(orjson.dumps({
+        "my-model": {"input": 1.0, "output": 2.0, "batch": {"input": 0.8, "output": 1.0},
+                     "flex": {"input": 0.7, "cached_input": 0.1, "output": 0.9}},
+    }))
+    table = PriceTable.load(path)
+    assert table.price("my-model", "batch") == ModelPrice(input=0.8, output=1.0)
+    assert table.price("my-model", "flex") == ModelPrice(input=0.7, cached_input=0.1, output=0.9)
+    assert table.price("my-model") == ModelPrice(input=1.0, output=2.0, batch=ModelPrice(0.8, 1.0),
+                                                 flex=ModelPrice(0.7, 0.9, 0.1))
+    with pytest.raises(scheduler.ConfigurationError, match="batch"):
+        PriceTable.load({"m": {"input": 1.0, "batch": {"input": 1.0, "flex": {"input": 1}}}})
+
+
+def test_the_batch_line_names_the_tier_and_batch_of_a_result() -> None:
+    result = scheduler.Result("a", "/v1/chat/completions", 200, {}, tier="batch", batch_id="batch_1")
+    assert batch_line(result)["scheduler"]["tier"] == "batch"
+    assert batch_line(result)["scheduler"]["batch_id"] == "batch_1"
+    assert "tier" not in batch_line(scheduler.Result("a", "/v1/chat/completions", 200, {}))["scheduler"]

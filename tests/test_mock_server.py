@@ -161,7 +161,7 @@ def test_every_config_field_has_a_flag() -> None:
         "--anthropic-output-at-end", "--litellm-window", "30", "--litellm-cooldown", "4", "--capacity", "8",
         "--max-queue", "16", "--overload-status", "429", "--flex-capacity", "0.5", "--flex-latency-ms", "11",
         "--context-window", "gpt-4o=1000", "--context-window", "mock-model=none", "--embedding-max-inputs", "10",
-        "--embedding-input-limit", "100", "--embedding-request-limit", "500",
+        "--embedding-input-limit", "100", "--embedding-request-limit", "500", "--batch-step-s", "0.5",
     ]
     config = config_from_args(parser.parse_args(argv))
     default = MockConfig()

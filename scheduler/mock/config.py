@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .batch_config import BatchMockConfig, add_batch_arguments, batch_config_from_args
 from .faults import FAULTS, check_rates
 
 DIALECTS = ("openai", "azure", "anthropic", "litellm", "none")
@@ -104,6 +105,7 @@ class MockConfig:
     embedding_max_inputs: int = 2_048  # inputs per embeddings request
     embedding_input_limit: int = 8_192  # tokens per embeddings input (text-embedding-3-*)
     embedding_request_limit: int = 300_000  # tokens per embeddings request, all inputs together
+    batch: BatchMockConfig = field(default_factory=BatchMockConfig)  # the Batch API's pace, limits and faults
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "otpm", "uncapped_tokens", "capacity"):
@@ -301,6 +303,7 @@ def add_mock_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"tokens per embeddings input (default {d.embedding_input_limit})")
     m.add_argument("--embedding-request-limit", type=int, default=d.embedding_request_limit, metavar="TOKENS",
                    help=f"tokens per embeddings request (default {d.embedding_request_limit})")
+    add_batch_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -370,4 +373,5 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         embedding_max_inputs=get("embedding_max_inputs", d.embedding_max_inputs),
         embedding_input_limit=get("embedding_input_limit", d.embedding_input_limit),
         embedding_request_limit=get("embedding_request_limit", d.embedding_request_limit),
+        batch=batch_config_from_args(args),
     )

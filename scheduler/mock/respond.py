@@ -30,3 +30,9 @@ def error_response(
     """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return json_response(body, status, headers)
+
+
+def invalid_key(headers: dict[str, str]) -> web.Response:
+    """The 401 of a refused key. Never echoes the key back: the body may end up in logs."""
+    message = "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
+    return error_response(401, message, "invalid_request_error", None, "invalid_api_key", headers)

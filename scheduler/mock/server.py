@@ -18,13 +18,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .batches import BatchMock
 from .config import KeyLimits, MockConfig
 from .dialects import DIALECT_TYPES, Dialect, Scope
 from .faults import BAD_SHAPE, HTML_PAGE, REFUSALS, Fault, FaultPlan, corrupt_headers
 from .parse import BadRequest, Job, Parser, parse_chat, parse_embeddings, parse_responses
 from .ratelimit import Refusal
 from .render import broken_json, chat_body, compose, embeddings_body, responses_body, stream_chat
-from .respond import error_response, json_response, request_id
+from .respond import error_response, invalid_key, json_response, request_id
 from .stats import Stats
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small", "mock-model")
@@ -89,6 +90,7 @@ class MockServer:
         self._in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._runner: web.AppRunner | None = None
+        self.batches = BatchMock(config, time.monotonic)  # the Files and Batches APIs, with their counters and faults
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -171,6 +173,7 @@ class MockServer:
         r.add_get("/mock/faults", self._get_faults)
         r.add_post("/mock/faults", self._post_faults)
         r.add_delete("/mock/faults", self._delete_faults)
+        self.batches.add_routes(app)
         # Catch-all last: unknown paths and wrong methods get OpenAI's 404 body, not aiohttp's text.
         r.add_route("*", "/{tail:.*}", self._not_found)
         return app
@@ -181,7 +184,7 @@ class MockServer:
         now = self._clock()
         headers = self._headers(self._default_scope, now)
         if not self._authorized(request):
-            return _invalid_key(headers)
+            return invalid_key(headers)
         created = 1_700_000_000
         data = [{"id": m, "object": "model", "created": created, "owned_by": "mock"} for m in MODELS]
         return json_response({"object": "list", "data": data}, 200, headers)
@@ -278,7 +281,7 @@ class MockServer:
             given = _given_key(request)
             if (given not in self._keys) if self._keys is not None else (given != cfg.api_key):
                 st.unauthorized += 1
-                return _invalid_key(self._early_headers(now))
+                return invalid_key(self._early_headers(now))
             if self._keys is not None:
                 key = given
         if cfg.quota_after is not None and st.admitted >= cfg.quota_after:
@@ -530,12 +533,6 @@ class MockServer:
                 waiter.set_result(None)
                 return
         self._in_flight -= 1
-
-
-def _invalid_key(headers: dict[str, str]) -> web.Response:
-    # Never echo the key back: the body may end up in logs.
-    message = "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
-    return error_response(401, message, "invalid_request_error", None, "invalid_api_key", headers)
 
 
 def _flex_unavailable(headers: dict[str, str]) -> web.Response:
