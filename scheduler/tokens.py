@@ -331,7 +331,10 @@ class TokenEstimator:
                 log.warning(
                     "output_cap_missing",
                     reserved_tokens=cap,
-                    detail="requests without max_tokens are charged this output reservation against TPM",
+                    detail=f"requests without max_tokens are charged {cap:,} output tokens each against the "
+                    "tokens-per-minute limit, as OpenAI charges them: with a TPM limit this can make a run "
+                    "several times slower than it needs to be. Set max_tokens (or max_completion_tokens) on the "
+                    "requests to what their answers need, or Pool(default_max_tokens=...)",
                 )
         return cap * _copies(body)
 
