@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +82,22 @@ def test_memory_measure_reads_a_childs_peak(bench: dict[str, ModuleType]) -> Non
     figures = bench["memory"].measure(command, dict(os.environ), rss_limit_mib=4096)
     assert figures["exit_code"] == 0
     assert figures["peak_rss_mib"] >= 64
+
+
+def test_litellm_benchmark_says_how_to_set_up_without_its_environment(tmp_path: Path) -> None:
+    # LiteLLM is no dependency: without its environment the benchmark stops with the command that creates it.
+    script = BENCHMARKS / "bench_litellm.py"
+    env = {**os.environ, "LITELLM_PYTHON": str(tmp_path / "missing" / "python")}
+    done = subprocess.run([sys.executable, str(script), "--requests", "1"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "bash benchmarks/litellm/setup.sh" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_litellm_config_limits_are_rewritten(bench: dict[str, ModuleType]) -> None:
+    import bench_litellm
+
+    text = bench_litellm.config_text(bench_litellm.DEFAULT_CONFIG, tpm=100)
+    assert "      tpm: 100\n" in text and "      rpm: 600\n" in text
+    assert bench_litellm.master_key(text).startswith("sk-")
