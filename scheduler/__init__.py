@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .admission import Limiter as Limiter
 from .batch_api import BatchLimits as BatchLimits
 from .batch_api import BatchRun as BatchRun
 from .batch_api import cancel_batches as cancel_batches
@@ -11,7 +12,10 @@ from .errors import BatchFailed as BatchFailed
 from .errors import BudgetExhausted as BudgetExhausted
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DeadlineExceeded as DeadlineExceeded
+from .errors import InternalError as InternalError
+from .errors import InvalidResponse as InvalidResponse
 from .errors import JobError as JobError
+from .errors import LimiterUnavailable as LimiterUnavailable
 from .errors import PoolClosed as PoolClosed
 from .errors import QuotaExhausted as QuotaExhausted
 from .errors import RequestRejected as RequestRejected
@@ -19,6 +23,7 @@ from .errors import RequestTooLarge as RequestTooLarge
 from .errors import RetriesExhausted as RetriesExhausted
 from .errors import RunStopped as RunStopped
 from .errors import SchedulerError as SchedulerError
+from .errors import StreamIncomplete as StreamIncomplete
 from .fallbacks import Fallback as Fallback
 from .limits import Limits as Limits
 from .pool import Pool as Pool
@@ -50,8 +55,12 @@ __all__ = [
     "DeadlineExceeded",
     "ErrorInfo",
     "Fallback",
+    "InternalError",
+    "InvalidResponse",
     "JobError",
     "JsonlSink",
+    "Limiter",
+    "LimiterUnavailable",
     "Limits",
     "MemorySink",
     "Pool",
@@ -66,6 +75,7 @@ __all__ = [
     "RetriesExhausted",
     "RunStopped",
     "SchedulerError",
+    "StreamIncomplete",
     "Usage",
     "cancel_batches",
     "run_batch",

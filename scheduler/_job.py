@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectSendStream
 
     from ._map import MapCollector
+    from .admission import ScopeLimiter
     from .clock import Timer
     from .results import Result
     from .transport import Response
@@ -42,7 +43,7 @@ class Job:
         "attempts",
         "body",
         "cache_key",
-        "charged",
+        "costs",
         "custom_id",
         "deadline",
         "deadline_timer",
@@ -55,9 +56,11 @@ class Job:
         "last_problem",
         "last_response",
         "limited_since",
+        "output",
         "priority",
         "reserved",
         "route",
+        "scope",
         "sequence",
         "state",
         "stop_reason",
@@ -69,7 +72,7 @@ class Job:
 
     def __init__(
         self, endpoint: str, body: Mapping[str, Any], custom_id: str, priority: int, sequence: int,
-        estimate: int, submitted_at: float, deadline: float | None,
+        estimate: int, output: int, submitted_at: float, deadline: float | None,
     ) -> None:
         self.endpoint = endpoint
         self.body = body
@@ -78,8 +81,12 @@ class Job:
         self.sequence = sequence
         #: tokens the request costs against TPM, by our estimate (prompt + output reservation)
         self.estimate = estimate
-        #: tokens the limiter charged for the current attempt (the estimate, calibrated)
-        self.charged = 0
+        #: its output reservation (the output cap times n), part of ``estimate``
+        self.output = output
+        #: what the current attempt was charged in each limit dimension (the estimate, calibrated)
+        self.costs: dict[str, float] = {}
+        #: the limit scope it was admitted through (its endpoint and model)
+        self.scope: ScopeLimiter | None = None
         self.submitted_at = submitted_at
         self.deadline = deadline
         self.state = State.QUEUED

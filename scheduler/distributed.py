@@ -5,7 +5,7 @@
     enqueue ──XADD──► {NAME}:jobs (stream, consumer group "workers")
                           │ XREADGROUP new entries; XAUTOCLAIM a dead worker's, once idle for claim_idle_s
                           ▼
-    worker x N ──► Pool with a RedisLimiter: every worker on every host spends one RPM/TPM budget ──► API
+    worker x N ──► Pool on a RedisStore: every worker on every host spends one RPM/TPM budget ──► API
                           │ one script: HSETNX {NAME}:results custom_id → batch line, then XACK and XDEL
                           ▼
     collect ──► OUTPUT.jsonl, the Batch API output format that ``scheduler run`` writes
@@ -40,11 +40,11 @@ import redis.asyncio
 import redis.exceptions
 import structlog
 
+from .admission.redis_store import safe_url
 from .errors import ConfigurationError
 from .jsonl import STOPPED_CODES, parse_line, read_lines, scan_output
 from .logs import redact
 from .pool import Pool
-from .redis_limiter import safe_url
 from .requests import CHAT
 from .results import ErrorInfo, Result
 from .sinks import batch_line
@@ -298,7 +298,7 @@ class Worker:
 
     Args:
         client: a Redis client (:func:`connect`).
-        pool: a running pool, normally with a :class:`~scheduler.redis_limiter.RedisLimiter`.
+        pool: a running pool, normally with its limits in a :class:`~scheduler.admission.redis_store.RedisStore`.
         stream: the run's name.
         options: see :class:`WorkerOptions`.
         consumer: this worker's name in the group (default: host, pid and a random suffix).
@@ -539,24 +539,22 @@ async def run_worker(
     """
     from openai import AsyncOpenAI, DefaultAioHttpClient
 
-    from .pool import _limit_scope
-    from .redis_limiter import RedisLimiter
+    from .admission import Limiter
+    from .admission.redis_store import RedisStore
 
     client = await connect(url)
     api = AsyncOpenAI(api_key=api_key, base_url=base_url, http_client=DefaultAioHttpClient())
     try:
-        # The limiter is made here rather than by Pool(redis=url), to close its connections with the worker.
-        limiter = await RedisLimiter.connect(url, limits, scope=_limit_scope(api, model))
-        async with limiter:
-            pool = Pool(client=api, model=model, limits=limits, workers=workers, max_attempts=max_attempts,
-                        limiter=limiter)
-            async with pool:
-                worker = Worker(client, pool, stream=stream, options=options)
-                _on_signals(worker)
-                code = await worker.run()
-                if code == 3:
-                    pool.stop("a run-fatal error stopped the worker")
-                return code
+        limiter = Limiter(limits, store=await RedisStore.connect(url))
+        # The pool closes the limiter's connections with it.
+        async with Pool(client=api, model=model, workers=workers, max_attempts=max_attempts,
+                        limiter=limiter) as pool:
+            worker = Worker(client, pool, stream=stream, options=options)
+            _on_signals(worker)
+            code = await worker.run()
+            if code == 3:
+                pool.stop("a run-fatal error stopped the worker")
+            return code
     finally:
         await api.close()
         await client.aclose()

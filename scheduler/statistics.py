@@ -8,7 +8,20 @@ from dataclasses import dataclass
 
 from .limits import Limits
 
-__all__ = ["Counters", "PoolStatistics", "RateMeter"]
+__all__ = ["Counters", "PoolStatistics", "RateMeter", "ScopeStatistics"]
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeStatistics:
+    """One limit scope: an endpoint's model with its own buckets."""
+
+    #: the endpoint's base URL
+    endpoint: str
+    model: str | None
+    #: the limits in force (None while still unknown)
+    limits: Limits | None
+    #: server tokens per token of our estimate, as learned from the headers
+    token_ratio: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +72,8 @@ class PoolStatistics:
     pauses: int = 0
     #: jobs ended by an unexpected exception (code internal_error)
     internal_errors: int = 0
+    #: every limit scope used so far (an endpoint's model with its own buckets)
+    scopes: tuple[ScopeStatistics, ...] = ()
 
 
 class Counters:

@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import scheduler
+from scheduler.admission import Limiter, MemoryStore
 from scheduler.cache import MemoryCache
 from scheduler.sinks import MemorySink
 from scheduler.testing import FakeClock, FakeTransport, error, html, ok, rate_limited, streamed, wrong_shape
@@ -137,34 +138,17 @@ async def test_a_scheduler_error_raised_inside_the_pool_comes_out_as_itself() ->
                 await pool.submit({"not": "a request"})
 
 
-async def test_a_limiter_that_fails_mid_run_fails_the_jobs_instead_of_hanging_them() -> None:
-    class LostLimiter:
-        def scale(self, estimate: int) -> int:
-            return estimate
-
-        async def acquire(self, tokens: int) -> float:
-            raise scheduler.RunStopped("the shared limit's Redis is gone")
-
-        def on_wire(self, tokens: int) -> tuple[float, float]:
-            return (0.0, 0.0)
-
-        async def observe(self, *args: Any) -> None:
-            return None
-
-        async def refund(self, tokens: int) -> None:
-            return None
-
-        async def rate_limited(self, kind: str | None, tokens: int) -> None:
-            return None
-
-        def snapshot(self) -> scheduler.Limits | None:
-            return scheduler.Limits(rpm=60)
+async def test_a_shared_limit_lost_mid_run_fails_the_jobs_instead_of_hanging_them() -> None:
+    class LostStore(MemoryStore):
+        async def acquire(self, *args: Any) -> tuple[float, str | None]:
+            raise scheduler.LimiterUnavailable("the shared limit's Redis is gone")
 
     clock = FakeClock()
-    async with clock.autojump(), make_pool(FakeTransport(clock=clock), clock, limiter=LostLimiter()) as pool:
+    limiter = Limiter(scheduler.Limits(rpm=60), store=LostStore(clock), clock=clock)
+    async with clock.autojump(), make_pool(FakeTransport(clock=clock), clock, limiter=limiter) as pool:
         results = await asyncio.gather(*(pool.submit(f"q{i}", max_tokens=5, raise_errors=False) for i in range(3)))
-    assert [r.error.code if r.error else None for r in results] == ["run_stopped"] * 3
-    assert "Redis" in str(results[0].error)
+    assert [r.error.code if r.error else None for r in results] == ["limiter_unavailable"] * 3
+    assert results[0].error is not None and "Redis" in results[0].error.message
 
 
 # -------------------------------------------------------------------------------------- 3. streams abandoned

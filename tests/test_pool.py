@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import scheduler
-from scheduler.limits import ClockedLimiter
+from scheduler.admission import Limiter
 from scheduler.testing import FakeClock, FakeTransport, error, ok, rate_limited
 from scheduler.transport import Response, TransportFailure
 
@@ -128,19 +128,14 @@ async def test_a_refused_key_stops_the_run_and_never_shows_the_key() -> None:
 
 async def test_job_fatal_errors_are_not_retried() -> None:
     clock = FakeClock()
-    transport = FakeTransport(script=[error(400, "context_length_exceeded", "too long")], clock=clock)
+    transport = FakeTransport(lambda e, b: error(400, "context_length_exceeded", "too long"), clock=clock)
     async with clock.autojump(), make_pool(transport, clock) as pool:
         result = await pool.submit("x", max_tokens=5, raise_errors=False)
-        with pytest.raises(scheduler.RequestRejected):
-            await pool.submit("y", max_tokens=5, endpoint="/v1/chat/completions",
-                              custom_id="c2") if False else _raise(result)
-    assert len(transport.calls) == 1
+        with pytest.raises(scheduler.RequestRejected) as caught:
+            await pool.submit("y", max_tokens=5)
+    assert len(transport.calls) == 2  # one attempt each
     assert result.status == 400 and result.error is not None and "too long" in result.error.message
-
-
-def _raise(result: scheduler.Result) -> None:
-    assert result.error is not None
-    raise scheduler.RequestRejected(result.error.message, result)
+    assert result.error.code == "request_rejected" and caught.value.result is not None
 
 
 async def test_x_should_retry_is_obeyed() -> None:
@@ -182,27 +177,31 @@ async def test_a_request_larger_than_the_whole_token_limit_fails_at_once() -> No
     assert transport.calls == []
 
 
+async def token_level(limiter: Limiter) -> float:
+    (scope,) = limiter.scopes()
+    return (await scope.levels())["tokens"]
+
+
 async def test_refund_option_gives_unused_output_back() -> None:
     clock = FakeClock()
     transport = FakeTransport(lambda e, b: ok(prompt_tokens=10, completion_tokens=5), clock=clock)
     limits = scheduler.Limits(tpm=60_000, refund_unused=True)  # 1,000 tokens/s, holds 1,000
-    limiter = ClockedLimiter(limits, clock)
+    limiter = Limiter(limits, clock=clock)
     async with clock.autojump(), make_pool(transport, clock, limiter=limiter) as pool:
         result = await pool.submit("hello", max_tokens=300)
-    assert limiter.local.tokens is not None
-    # Started half full, charged the estimate, kept only the usage.
-    assert limiter.local.tokens.level == pytest.approx(500 - 15)
+        # Started half full, charged the estimate, kept only the usage.
+        assert await token_level(limiter) == pytest.approx(500 - 15)
     assert result.usage == scheduler.Usage(10, 5)
 
 
 async def test_without_refund_openai_keeps_the_reservation() -> None:
     clock = FakeClock()
     transport = FakeTransport(lambda e, b: ok(prompt_tokens=10, completion_tokens=5), clock=clock)
-    limiter = ClockedLimiter(scheduler.Limits(tpm=60_000), clock)
+    limiter = Limiter(scheduler.Limits(tpm=60_000), clock=clock)
     async with clock.autojump(), make_pool(transport, clock, limiter=limiter) as pool:
         await pool.submit("hello", max_tokens=300)
         estimate = pool.estimator.estimate("/v1/chat/completions", transport.calls[0][1])
-    assert limiter.local.tokens is not None and limiter.local.tokens.level == pytest.approx(500 - estimate)
+        assert await token_level(limiter) == pytest.approx(500 - estimate)
 
 
 async def test_header_sync_slows_dispatch_when_the_server_has_less_left() -> None:
