@@ -44,6 +44,7 @@ async def test_the_budget_belongs_to_the_job_a_rerun_counts_what_was_spent(tmp_p
         assert mock.stats()["requests"] == sent
         message = summary(again.stderr)["message"]
         assert "the budget of $0.5 is spent" in message and "Raise --budget" in message
+        assert b'"run_stopped"' not in again.stderr  # the pool's view (this run's share of the budget) is not shown
         spent = sum(record["scheduler"]["cost_usd"] for record in read_output(output))
         assert 0 < spent <= 0.5
         more = await run(source, output, *budget[:-1], "100")

@@ -179,6 +179,9 @@ def _run(args: argparse.Namespace) -> int:
         except _StartFailed as exc:
             writer.discard_if_unused()
             return fail("run", str(exc))
+        except KeyboardInterrupt:
+            writer.discard_if_unused()  # Ctrl-C while the files are read: nothing was sent
+            raise
     finally:
         writer.close()
 
@@ -199,7 +202,7 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
     progress = Progress(counts, title=title, live=live, quiet=plan.quiet)
     budget_left = None if plan.budget_usd is None else plan.budget_usd - prior.spent_usd
     if counts.to_do > 0 and budget_left is not None and budget_left <= 0:
-        state.stop(BudgetExhausted.code, "nothing sent")
+        state.stop(BudgetExhausted.code, "the budget is spent")  # nothing is sent
     elif counts.to_do > 0:
         asyncio.run(_execute(plan, writer, state, progress, prior, scan, budget_left))
     code, message = verdict(plan, state, scan, prior)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
+from ..errors import BudgetExhausted
 from ..jsonl import STOPPED_CODES
 from ..limits import parse_limit_headers
 from ..output import OutputUnwritable, OutputWriter
@@ -156,6 +157,7 @@ class LogFilter:
 
     - ``job_failed`` of jobs a stop kept from running: the next run does them; one line says why it stopped;
     - ``run_stopped`` after Ctrl-C: the run said so in one calm line;
+    - ``run_stopped`` for the budget: the pool knows only this run's share of it; the summary says it whole;
     - ``dispatch_paused`` under the live display, which counts the pauses.
     """
 
@@ -170,6 +172,7 @@ class LogFilter:
         if (
             (name == "job_failed" and event.get("code") in STOPPED_CODES)
             or (name == "run_stopped" and self.state is not None and self.state.signal is not None)
+            or (name == "run_stopped" and event.get("code") == BudgetExhausted.code)
             or (name == "dispatch_paused" and self.live)
         ):
             raise structlog.DropEvent

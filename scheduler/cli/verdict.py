@@ -76,7 +76,7 @@ def verdict(plan: Plan, state: RunState, scan: InputScan, prior: OutputScan) -> 
         if state.fatal_code == AuthenticationFailed.code and plan.key == NO_KEY:
             fatal = (f"the server at {plan.base_url} wants an API key and OPENAI_API_KEY is not set: set it to "
                      "the server's key")
-        return 3, f"Stopped: {fatal}. Then {again}."
+        return 3, f"Stopped: {fatal.rstrip('.')}. Then {again}."
     if left > 0:
         return 1, f"Not finished: {again}."
     failed = counts.failed + scan.done_failed
