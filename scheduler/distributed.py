@@ -41,8 +41,8 @@ import redis.exceptions
 import structlog
 
 from .admission.redis_store import safe_url
-from .errors import ConfigurationError
-from .jsonl import STOPPED_CODES, parse_line, read_lines, scan_output
+from .errors import STOPPED_CODES, ConfigurationError
+from .jsonl import parse_line, read_lines, scan_output
 from .logs import redact
 from .pool import Pool
 from .requests import CHAT

@@ -7,16 +7,22 @@ Input lines come in three forms, each with an optional ``custom_id`` and ``prior
 - ``{"prompt": "..."}``, one user message to chat completions (other keys go into the body)
 
 A line without a ``custom_id`` is named after its line number (``line-12``), so a resumed run names it alike.
-Ids are kept as 64-bit hashes in sorted arrays (:class:`IdSet`), 8 bytes an id, so the duplicate check and the
-resume scan stay small however long the files are.
+Ids are kept as 64-bit hashes in sorted arrays (:class:`IdSet`, :class:`IdMap`), so the duplicate check and the
+resume scan stay small however long the files are. The output is written by :class:`scheduler.output.OutputWriter`.
+
+Each output line records a 48-bit fingerprint of the request it answers (``scheduler.request_hash``, 12 hex
+digits: :func:`request_hash` of the endpoint and the body as sent; for an invalid line, :func:`line_hash` of its
+text). On resume a line whose ``custom_id`` has a result but whose request changed is found before anything is
+sent. A ``custom_id`` may have more than one line (a changed request run again): the last line is its result.
 """
 
 from __future__ import annotations
 
 import bisect
-import os
+import contextlib
+import hashlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,22 +30,25 @@ from typing import IO, Any
 import orjson
 import structlog
 
+from .errors import INVALID_REQUEST
 from .requests import CHAT, ENDPOINTS, Request, infer_endpoint
 from .results import ErrorInfo, Result
-from .sinks import batch_line
 
 __all__ = [
+    "EXPECTED_LINES",
     "MAX_LINE_BYTES",
-    "STOPPED_CODES",
+    "IdMap",
     "IdSet",
     "InputLine",
     "InputScan",
     "OutputScan",
-    "OutputWriter",
+    "describe_input",
     "find_duplicates",
     "line_custom_id",
+    "line_hash",
     "parse_line",
     "read_lines",
+    "request_hash",
     "scan_input",
     "scan_output",
 ]
@@ -48,11 +57,33 @@ log = structlog.get_logger("scheduler")
 
 #: a line longer than this is refused unread: a runaway line must not take the memory with it
 MAX_LINE_BYTES = 10 * 2**20
-#: error codes of jobs that were never (fully) run because the run stopped: they stay undone for the next run
-STOPPED_CODES = frozenset({"run_stopped", "insufficient_quota", "authentication_failed", "budget_exhausted"})
-INVALID = "invalid_request"
+#: what a good input looks like, for messages about a bad one
+EXPECTED_LINES = (
+    '{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4o-mini", '
+    '"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 100}}\n'
+    '{"custom_id": "q2", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}\n'
+    '{"custom_id": "q3", "prompt": "Hello", "max_tokens": 100}'
+)
 _RESERVED = ("custom_id", "priority", "metadata")
 _BOM = b"\xef\xbb\xbf"
+# What the output records of an id, packed in one integer of an IdMap: the fingerprint and three flags.
+_HASH_BITS = 48
+_HASH_MASK = (1 << _HASH_BITS) - 1
+_HASHED = 1 << 48  # the record carries a request hash (older outputs do not)
+_FAILED = 1 << 49  # an error record
+_INVALID = 1 << 50  # the record of an invalid line: not done
+
+
+def request_hash(endpoint: str, body: Mapping[str, Any]) -> int:
+    """A 48-bit fingerprint of a request: the endpoint and the body as canonical JSON (keys sorted), so the same
+    request always gets the same value, whatever the order of its keys."""
+    canonical = orjson.dumps([endpoint, body], option=orjson.OPT_SORT_KEYS)
+    return int.from_bytes(hashlib.blake2b(canonical, digest_size=6).digest(), "big")
+
+
+def line_hash(raw: bytes | None) -> int:
+    """A 48-bit fingerprint of an input line's text (surrounding white space aside): for invalid lines."""
+    return int.from_bytes(hashlib.blake2b((raw or b"").strip(), digest_size=6).digest(), "big")
 
 
 class IdSet:
@@ -104,6 +135,61 @@ class IdSet:
         self._sorted = True
 
 
+class IdMap:
+    """A mapping of strings to non-negative 63-bit integers, keyed by the strings' 64-bit hashes (16 bytes an
+    entry); the last value set for a key wins. False matches: as in :class:`IdSet`."""
+
+    __slots__ = ("_keys", "_sorted", "_values")
+
+    _MASK = 1023
+
+    def __init__(self) -> None:
+        self._keys = [array("q") for _ in range(self._MASK + 1)]
+        self._values = [array("q") for _ in range(self._MASK + 1)]
+        self._sorted = True
+
+    def __setitem__(self, key: str, value: int) -> None:
+        digest = hash(key)
+        self._keys[digest & self._MASK].append(digest)
+        self._values[digest & self._MASK].append(value)
+        self._sorted = False
+
+    def get(self, key: object) -> int | None:
+        """The value of ``key``, or None."""
+        if not self._sorted:
+            self._sort()
+        digest = hash(key)
+        keys = self._keys[digest & self._MASK]
+        i = bisect.bisect_left(keys, digest)
+        return self._values[digest & self._MASK][i] if i < len(keys) and keys[i] == digest else None
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        if not self._sorted:
+            self._sort()
+        return sum(len(keys) for keys in self._keys)
+
+    def values(self) -> Iterator[int]:
+        """Every value, one per key."""
+        if not self._sorted:
+            self._sort()
+        for values in self._values:
+            yield from values
+
+    def _sort(self) -> None:
+        for b, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
+            # A stable sort keeps the values of one key in the order set: the last of each run wins.
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            last = len(order) - 1
+            self._keys[b] = array("q", (keys[j] for n, j in enumerate(order)
+                                        if n == last or keys[order[n + 1]] != keys[j]))
+            self._values[b] = array("q", (values[j] for n, j in enumerate(order)
+                                          if n == last or keys[order[n + 1]] != keys[j]))
+        self._sorted = True
+
+
 # ---------------------------------------------------------------------------------------------- input
 
 
@@ -124,7 +210,7 @@ class InputLine:
         assert self.problem is not None
         message = f"line {self.number}: {self.problem}"
         return Result(custom_id=self.custom_id, endpoint="", status=None, body=None, attempts=0,
-                      error=ErrorInfo(INVALID, message))
+                      error=ErrorInfo(INVALID_REQUEST, message))
 
 
 def read_lines(file: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
@@ -182,6 +268,10 @@ def parse_line(number: int, raw: bytes | None, *, model: str, max_bytes: int = M
         model: the model of bodies that name none.
     """
     line, problem = _loads(number, raw, max_bytes)
+    return _parse_loaded(number, line, problem, model)
+
+
+def _parse_loaded(number: int, line: Any, problem: str | None, model: str) -> InputLine:
     custom_id, id_problem = _custom_id(number, line)
     if problem is None and not isinstance(line, dict):
         problem = f"a line must be a JSON object, not {_kind(line)}"
@@ -265,24 +355,72 @@ class InputScan:
 
     #: non-blank lines, i.e. requests (valid or not)
     lines: int = 0
-    #: lines whose id is already in the output
+    #: lines whose result is already in the output (and answers the same request), to be skipped
     done: int = 0
+    #: of those, results that are errors
+    done_failed: int = 0
+    #: of those, results without a request hash (an older output): the request could not be compared
+    unchecked: int = 0
+    #: lines that are not even JSON objects (CSV, a JSON array, pretty-printed JSON...)
+    not_objects: int = 0
+    #: the first such line's problem, with its line number
+    first_problem: str | None = None
     #: ``(custom_id, line numbers)`` of ids on more than one line
     duplicates: list[tuple[str, list[int]]] = field(default_factory=list)
+    #: ``(line number, custom_id, what changed)`` of the first lines whose result answers another request
+    mismatches: list[tuple[int, str, str]] = field(default_factory=list)
+    #: how many lines' results answer another request
+    mismatched: int = 0
+    #: of those, lines that are now invalid (they cannot be run again until fixed)
+    now_invalid: int = 0
+    #: ids of the lines whose request changed since their result was written
+    changed: IdSet = field(default_factory=IdSet)
+
+    _SHOWN = 10
+
+    def mismatch(self, number: int, custom_id: str, what: str) -> None:
+        self.mismatched += 1
+        if len(self.mismatches) < self._SHOWN:
+            self.mismatches.append((number, custom_id, what))
 
 
-def scan_input(path: Path, done: IdSet, max_bytes: int = MAX_LINE_BYTES) -> InputScan:
-    """Count the input's requests and those already done, and find duplicate ids."""
+def scan_input(path: Path, prior: OutputScan | None = None, *, model: str,
+               max_bytes: int = MAX_LINE_BYTES) -> InputScan:
+    """Count the lines, and those already done (comparing each one's request with the one its result answers),
+    and find duplicate ids and lines that are not even JSON objects.
+
+    Args:
+        path: the input file.
+        prior: what the output already holds (None: nothing).
+        model: the model of bodies that name none (part of the request a result answers).
+    """
     scan = InputScan()
     seen = IdSet()
-    resuming = len(done) > 0
+    records = prior.done if prior is not None and len(prior.done) else None
     with path.open("rb") as file:
         for number, raw in read_lines(file, max_bytes):
-            custom_id = line_custom_id(number, raw, max_bytes)
+            loaded, problem = _loads(number, raw, max_bytes)
+            custom_id = _custom_id(number, loaded)[0]
             seen.add(custom_id)
             scan.lines += 1
-            if resuming and custom_id in done:
+            if not isinstance(loaded, dict):
+                scan.not_objects += 1
+                if scan.first_problem is None:
+                    scan.first_problem = f"line {number}: {_parse_loaded(number, loaded, problem, model).problem}"
+            state = records.get(custom_id) if records is not None else None
+            if state is None or state & _INVALID:
+                continue  # to do: no result yet, or only an invalid line's record (parsed when it is run)
+            line = _parse_loaded(number, loaded, problem, model)
+            if line.request is None:
+                scan.now_invalid += 1
+                scan.mismatch(number, custom_id, f"is now invalid: {line.problem}")
+            elif state & _HASHED and state & _HASH_MASK != request_hash(line.request.endpoint, line.request.body):
+                scan.changed.add(custom_id)
+                scan.mismatch(number, custom_id, "differs from the request its result answers")
+            else:
                 scan.done += 1
+                scan.done_failed += bool(state & _FAILED)
+                scan.unchecked += not state & _HASHED
     repeated = seen.repeated()
     if repeated:
         scan.duplicates = find_duplicates(path, repeated, max_bytes)
@@ -302,20 +440,52 @@ def find_duplicates(
     return [(custom_id, numbers) for custom_id, numbers in lines.items() if len(numbers) > 1]
 
 
+def describe_input(path: Path, head_bytes: int = 65536) -> str:
+    """What a file that is not JSON Lines looks like (from its first bytes), and how to make it JSON Lines."""
+    with path.open("rb") as file:
+        head = file.read(head_bytes)
+    text = head.removeprefix(_BOM).lstrip()
+    first = text.split(b"\n", 1)[0].strip()
+    if text.startswith(b"["):
+        return ("it is a JSON array (one document), not one JSON object a line; "
+                f"convert it with: jq -c '.[]' {path} > requests.jsonl")
+    if text.startswith(b"{"):
+        return ("it holds JSON objects spread over several lines (pretty-printed JSON, or one body a file); "
+                f"put each request on one line: jq -c . {path} > requests.jsonl")
+    if b"\t" in first:
+        return "it looks like TSV (tab-separated values); write each row as one JSON object a line"
+    if b"," in first:
+        return "it looks like CSV (comma-separated values); write each row as one JSON object a line"
+    return "it is not JSON Lines (one JSON object a line)"
+
+
 # ---------------------------------------------------------------------------------------------- output
 
 
 @dataclass(slots=True)
 class OutputScan:
-    """What an earlier run left in the output file."""
+    """What earlier runs left in the output file."""
 
-    done: IdSet = field(default_factory=IdSet)
-    #: records written with an error
-    failed: int = 0
+    #: every custom_id with a record in the file and what its last record says (see :meth:`is_done`); ``in``
+    #: tells whether an id has any record at all
+    done: IdMap = field(default_factory=IdMap)
+    #: US dollars the records say were spent (``scheduler.cost_usd``; lines superseded since included)
+    spent_usd: float = 0.0
     #: bytes of a torn last line cut off
     repaired_bytes: int = 0
     #: line numbers of unreadable lines before the last (left as they are)
     unreadable: list[int] = field(default_factory=list)
+
+    def is_done(self, custom_id: str) -> bool:
+        """Whether the id has a result (an invalid line's record is not one: the line is read again)."""
+        state = self.done.get(custom_id)
+        return state is not None and not state & _INVALID
+
+    def recorded_invalid(self, custom_id: str, raw: bytes | None) -> bool:
+        """Whether the id's last record is that of an invalid line with this very text (no need to write it
+        again)."""
+        state = self.done.get(custom_id)
+        return state is not None and bool(state & _INVALID) and state & _HASH_MASK == line_hash(raw)
 
 
 def scan_output(path: Path) -> OutputScan:
@@ -366,39 +536,19 @@ def _record(raw: bytes) -> dict[str, Any] | None:
 
 
 def _count(scan: OutputScan, record: dict[str, Any]) -> None:
-    scan.done.add(record["custom_id"])
-    if record.get("error") is not None:
-        scan.failed += 1
-
-
-class OutputWriter:
-    """Appends Batch API output lines, each in one write: a crash leaves at most one torn line.
-
-    Results of jobs that the stop kept from running (:data:`STOPPED_CODES`) are not written: a later run does
-    them.
-    """
-
-    __slots__ = ("_fd", "metadata", "path")
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # Unbuffered: every record reaches the OS at once, so a kill -9 loses no finished result.
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        #: ``custom_id -> metadata`` of requests in flight whose input line had metadata
-        self.metadata: dict[str, Any] = {}
-
-    def write(self, result: Result) -> bool:
-        """Write ``result``'s record; False (nothing written) for a job that the stop kept from running."""
-        metadata = self.metadata.pop(result.custom_id, None) if self.metadata else None
-        if result.error is not None and result.error.code in STOPPED_CODES:
-            return False
-        record = batch_line(result)
-        if metadata is not None:
-            record["scheduler"]["metadata"] = metadata
-        data = memoryview(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
-        while data:
-            data = data[os.write(self._fd, data):]
-        return True
-
-    def close(self) -> None:
-        os.close(self._fd)
+    extra = record.get("scheduler")
+    extra = extra if isinstance(extra, dict) else {}
+    cost = extra.get("cost_usd")
+    if isinstance(cost, int | float) and not isinstance(cost, bool):
+        scan.spent_usd += cost
+    state = 0
+    fingerprint = extra.get("request_hash")
+    if isinstance(fingerprint, str) and len(fingerprint) == _HASH_BITS // 4:
+        with contextlib.suppress(ValueError):  # not ours: resumed unchecked, like a record without one
+            state = int(fingerprint, 16) | _HASHED
+    error = record.get("error")
+    if error is not None:
+        state |= _FAILED
+        if isinstance(error, dict) and error.get("code") == INVALID_REQUEST:
+            state |= _INVALID
+    scan.done[record["custom_id"]] = state

@@ -39,9 +39,14 @@ class RunCounts:
     invalid: int = 0
     #: jobs the stop kept from running: not written, left for the next run
     not_run: int = 0
+    #: successful answers cut short by their output cap (finish_reason "length")
+    truncated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    #: the limits the server announced (x-ratelimit-limit-*), shown where the pool was given none
+    server_rpm: int | None = None
+    server_tpm: int | None = None
 
     @property
     def to_do(self) -> int:
@@ -57,6 +62,7 @@ class RunCounts:
             self.not_run += 1
         elif result.error is None:
             self.succeeded += 1
+            self.truncated += result.truncated
         else:
             self.failed += 1
         if result.usage is not None:
@@ -68,10 +74,15 @@ class RunCounts:
 
 @dataclass(slots=True)
 class _Rate:
-    """Completions per second over the last ``window_s``, for the ETA."""
+    """Completions per second over the last ``window_s`` (since the start, early on), for the ETA."""
 
+    started: float
     window_s: float = 15.0
     samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        # The run's start is the first sample: the first status line already has an ETA.
+        self.samples.append((self.started, 0))
 
     def update(self, now: float, done: int) -> float | None:
         self.samples.append((now, done))
@@ -88,19 +99,26 @@ class Progress:
         counts: the run's tally, updated by the caller.
         title: one line naming the run (input, output, model).
         live: a rich live display (on a terminal) instead of JSON status lines.
+        quiet: neither: no progress, no summary, only the final message when the run did not fully succeed.
         interval_s: seconds between JSON status lines.
+        clock: monotonic seconds, for the elapsed time and the ETA.
     """
 
-    def __init__(self, counts: RunCounts, *, title: str, live: bool, interval_s: float = 5.0) -> None:
+    def __init__(
+        self, counts: RunCounts, *, title: str, live: bool, quiet: bool = False, interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.counts = counts
         self.title = title
+        self.quiet = quiet
         self.interval_s = interval_s
-        self.started = time.monotonic()
-        self._rate = _Rate()
+        self._clock = clock
+        self.started = clock()
+        self._rate = _Rate(self.started)
         self._stats: Callable[[], PoolStatistics] | None = None
         self._console: Console | None = None
         self._live: Live | None = None
-        if live:
+        if live and not quiet:
             from rich.console import Console
             from rich.live import Live
 
@@ -117,6 +135,8 @@ class Progress:
     async def watch(self, stats: Callable[[], PoolStatistics]) -> None:
         """Refresh the display (or write a status line) until cancelled."""
         self._stats = stats
+        if self.quiet:
+            return
         if self._live is None:
             while True:
                 await anyio.sleep(self.interval_s)
@@ -133,7 +153,7 @@ class Progress:
     # ------------------------------------------------------------------ figures
 
     def _figures(self) -> dict[str, Any]:
-        counts, now = self.counts, time.monotonic()
+        counts, now = self.counts, self._clock()
         rate = self._rate.update(now, counts.done)
         remaining = max(0, counts.to_do - counts.done - counts.not_run)
         figures: dict[str, Any] = {
@@ -153,10 +173,11 @@ class Progress:
                 queued=stats.queued,
                 retries=stats.retries,
                 rate_limited=stats.rate_limited,
+                pauses=stats.pauses,
                 requests_per_minute=round(stats.requests_per_minute),
-                rpm_limit=limits.rpm if limits is not None else None,
+                rpm_limit=(limits.rpm if limits is not None else None) or counts.server_rpm,
                 tokens_per_minute=round(stats.tokens_per_minute),
-                tpm_limit=limits.tpm if limits is not None else None,
+                tpm_limit=(limits.tpm if limits is not None else None) or counts.server_tpm,
             )
         return figures
 
@@ -186,15 +207,30 @@ class Progress:
         )
         grid.add_row(
             f"in flight [bold]{f.get('in_flight', 0)}[/]   queued {f.get('queued', 0)}",
-            f"retries {f.get('retries', 0)}   429s {f.get('rate_limited', 0)}   "
+            f"retries {f.get('retries', 0)}   429s {f.get('rate_limited', 0)}   pauses {f.get('pauses', 0)}   "
             f"failed [{'red' if f['failed'] else 'green'}]{f['failed']}[/]   cost ~${f['cost_usd']:.4f}",
         )
         return Group(Text(self.title, style="bold cyan"), bar, grid)
 
     # ------------------------------------------------------------------ the end
 
+    def say(self, text: str, event: str) -> None:
+        """Tell the user something while the run goes on: a line above the live display, else a JSON line."""
+        if self.quiet:
+            return
+        if self._console is not None:
+            self._console.print(text, style="yellow", highlight=False, markup=False)
+        else:
+            _write_json({"event": event, "message": text})
+
     def summary(self, figures: dict[str, Any], message: str) -> None:
-        """Write the run's summary: a table on a terminal, one JSON line otherwise."""
+        """Write the run's summary: a table on a terminal, one JSON line otherwise; with ``quiet``, the message
+        alone when the run did not fully succeed (``figures["exit_code"]`` is not 0)."""
+        if self.quiet:
+            if figures.get("exit_code"):
+                sys.stderr.write(f"scheduler run: {message}\n")
+                sys.stderr.flush()
+            return
         if self._console is None:
             _write_json({"event": "run_summary", **figures, "message": message})
             return
@@ -202,8 +238,9 @@ class Progress:
 
         table = Table(title="scheduler run", show_header=False, title_justify="left")
         for key, value in figures.items():
-            if value is not None:
-                table.add_row(key.replace("_", " "), _show(value))
+            if value is not None and key in _LABELS and (value or key not in _ONLY_IF_ANY):
+                label, show = _LABELS[key]
+                table.add_row(label, show(value))
         self._console.print(table)
         style = "green" if figures.get("exit_code") == 0 else "yellow"
         self._console.print(message, style=style, highlight=False, markup=False)
@@ -226,9 +263,40 @@ def _limit(value: int | None) -> str:
     return f"{value:,}" if value is not None else "?"
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4f}" if value < 1 else f"{value:,.2f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+def _number(value: Any) -> str:
+    return f"{value:,}"
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:,.2f} s"
+
+
+def _usd(value: Any) -> str:
+    return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
+#: rows of the summary table left out when zero
+_ONLY_IF_ANY = frozenset({"already_done", "invalid_lines", "not_done", "truncated", "retries", "rate_limited",
+                          "pauses", "earlier_cost_usd"})
+#: the summary table's rows: the JSON summary's keys, with what a person reads for them
+_LABELS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "input": ("input", str),
+    "output": ("output", str),
+    "requests": ("requests in the input", _number),
+    "already_done": ("already done by earlier runs", _number),
+    "succeeded": ("succeeded", _number),
+    "failed": ("failed", _number),
+    "invalid_lines": ("of which invalid lines", _number),
+    "not_done": ("not done yet", _number),
+    "truncated": ("answers cut short by max_tokens", _number),
+    "prompt_tokens": ("prompt tokens", _number),
+    "completion_tokens": ("completion tokens", _number),
+    "retries": ("retries", _number),
+    "rate_limited": ("429 answers", _number),
+    "pauses": ("pauses for a 429", _number),
+    "cost_usd": ("cost of this run", _usd),
+    "earlier_cost_usd": ("cost of earlier runs", _usd),
+    "first_request_s": ("first request sent after", _seconds),
+    "elapsed_s": ("elapsed", _seconds),
+    "exit_code": ("exit code", str),
+}

@@ -69,9 +69,11 @@ class Transport(Protocol):
 
 
 def api_path(endpoint: str) -> str:
-    """``/v1/chat/completions`` (the Batch API's ``url``) as a path relative to a base URL ending in /v1."""
+    """``/v1/chat/completions`` (the Batch API's ``url``) as the SDK's path under a base URL ending in /v1:
+    ``/chat/completions``. The leading slash matters: ``AsyncAzureOpenAI`` inserts ``/deployments/{model}`` only
+    for paths spelled exactly so."""
     path = endpoint.lstrip("/")
-    return path[3:] if path.startswith("v1/") else path
+    return "/" + (path[3:] if path.startswith("v1/") else path)
 
 
 def _not_json(content: bytes, headers: Mapping[str, str]) -> dict[str, Any]:

@@ -24,5 +24,6 @@ async def test_the_service_example_runs() -> None:
         env = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-readme-example"}
         done = await anyio.run_process([sys.executable, "-c", example], env=env, check=False)
     assert done.returncode == 0, done.stderr.decode()
+    assert b"Unclosed" not in done.stderr  # the example closes its client (and so its connections)
     output = done.stdout.decode()
     assert "Usage(prompt_tokens=" in output and "Mock reply" in output

@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     the interpreter's teardown (about half a second with the SDK loaded); with ``argv`` it returns the code.
     """
     arguments = sys.argv[1:] if argv is None else argv
-    args = parser(with_mock_options=arguments[:1] == ["mock-server"]).parse_args(arguments)
+    top = parser(with_mock_options=arguments[:1] == ["mock-server"])
+    args, unknown = top.parse_known_args(arguments)
+    if unknown:
+        # Said by the command's own parser, so the usage shown is the command's, not the list of commands.
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         code = int(args.handler(args))
     except KeyboardInterrupt:
@@ -52,4 +56,6 @@ def parser(*, with_mock_options: bool = False) -> argparse.ArgumentParser:
     run.add_parser(commands)
     mock_server.add_parser(commands, with_options=with_mock_options)
     distributed.add_parser(commands)
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)
     return top

@@ -6,11 +6,17 @@ import argparse
 import os
 import sys
 
+from ..limits import Limits
 from ..logs import register_secret
 
-__all__ = ["DEFAULT_MODEL", "UsageError", "api_settings", "dollars", "fail", "positive_int", "seconds"]
+__all__ = [
+    "DEFAULT_MODEL", "NO_KEY", "UsageError", "api_settings", "dollars", "fail", "model_limit", "positive_int",
+    "seconds",
+]
 
 DEFAULT_MODEL = "gpt-4o-mini"
+#: the key sent to a server of your own when OPENAI_API_KEY is not set (vLLM's documentation uses it)
+NO_KEY = "EMPTY"
 
 
 class UsageError(Exception):
@@ -39,6 +45,21 @@ def seconds(text: str) -> float:
     return value
 
 
+def model_limit(text: str) -> tuple[str, Limits]:
+    """argparse type: ``MODEL=RPM,TPM`` (either may be empty: ``gpt-4o=,2000000``), a model's own limits."""
+    model, sep, numbers = text.partition("=")
+    rpm, comma, tpm = numbers.partition(",")
+    try:
+        if not model or not sep or not comma:
+            raise ValueError
+        limits = Limits(rpm=int(rpm) if rpm.strip() else None, tpm=int(tpm) if tpm.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MODEL=RPM,TPM with positive integers, got {text!r}") from None
+    if limits.rpm is None and limits.tpm is None:
+        raise argparse.ArgumentTypeError(f"{text!r} gives no limit")
+    return model, limits
+
+
 def dollars(text: str) -> float:
     """argparse type: a number of US dollars, at least 0."""
     try:
@@ -54,14 +75,20 @@ def api_settings(base_url: str | None) -> tuple[str, str | None]:
     """The API key (from ``OPENAI_API_KEY``, registered for redaction) and base URL (the flag, else
     ``OPENAI_BASE_URL``, else the SDK's default).
 
+    A server of your own (vLLM, Ollama, a gateway: a base URL is given) may need no key: without
+    ``OPENAI_API_KEY`` it gets :data:`NO_KEY`, a placeholder the SDK accepts.
+
     Raises:
-        UsageError: no key is set.
+        UsageError: no key is set, and the API is OpenAI's.
     """
     key = os.environ.get("OPENAI_API_KEY", "")
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
     if not key:
-        raise UsageError("set OPENAI_API_KEY to your API key (or try the built-in mock server: --mock)")
+        if base_url is None:
+            raise UsageError("set OPENAI_API_KEY to your API key (or try the built-in mock server: --mock)")
+        return NO_KEY, base_url
     register_secret(key)
-    return key, base_url or os.environ.get("OPENAI_BASE_URL") or None
+    return key, base_url
 
 
 def fail(command: str, message: str, code: int = 2) -> int:

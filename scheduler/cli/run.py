@@ -1,8 +1,8 @@
 """``scheduler run``: a resumable bulk run of a JSONL file through a pool, with live progress.
 
-Exit codes: 0 every request succeeded, 1 some failed, 2 unusable input or arguments, 3 a run-fatal
-error (quota, a refused key) stopped the run, 130 interrupted (Ctrl-C). A stopped run resumes when the same
-command runs again.
+Exit codes: 0 every request succeeded, 1 some failed, 2 unusable input or arguments (nothing sent), 3 a
+run-fatal error stopped the run (quota, a refused key, the budget, the output that cannot be written, the shared
+limit's Redis gone), 130 interrupted (Ctrl-C). A stopped run resumes when the same command runs again.
 """
 
 from __future__ import annotations
@@ -11,41 +11,48 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import math
-import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import Any, TextIO, cast
 
 import anyio
 import structlog
 
-from ..errors import SchedulerError
+from ..errors import BudgetExhausted, SchedulerError
 from ..jsonl import (
-    STOPPED_CODES,
-    IdSet,
-    OutputWriter,
+    InputScan,
+    OutputScan,
     line_custom_id,
+    line_hash,
     parse_line,
     read_lines,
+    request_hash,
     scan_input,
     scan_output,
 )
+from ..limits import Limits
 from ..logs import configure_logging
+from ..output import OutputLocked, OutputUnwritable, OutputWriter
 from ..pool import Pool
 from ..progress import Progress, RunCounts
 from ..requests import Request
-from ..tokens import TokenEstimator, output_reservation
-from .options import DEFAULT_MODEL, UsageError, api_settings, dollars, positive_int
-
-if TYPE_CHECKING:
-    from ..results import Result
-    from ..transport import Response, StreamResponse, Transport
+from .options import DEFAULT_MODEL, UsageError, api_settings, dollars, fail, model_limit, positive_int, seconds
+from .runtime import (
+    CurrentStderr,
+    FirstSend,
+    LogFilter,
+    Recorder,
+    RunState,
+    WarmEstimator,
+    process_age,
+    warm_up,
+)
+from .verdict import SIGNAL_EXIT, refusal, verdict
 
 __all__ = ["add_parser"]
 
@@ -56,9 +63,9 @@ _MOCK_RPM = 30_000
 _MOCK_TPM = 50_000_000
 _MOCK_LATENCY_MS = 50.0
 _MOCK_KEY = "mock-key"
-_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Requests submitted beyond those in flight: they wait in the pool's queue, where priorities order them.
 _READ_AHEAD = 1024
+_REDIS_UNAVAILABLE = "shared_limit_unavailable"
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,7 +75,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run a JSONL file of requests; resumable",
         description="Run every request of INPUT (Batch API lines, request bodies or {\"prompt\": ...} lines) "
         "and append Batch API output lines to OUTPUT. Running the same command again resumes. The API key "
-        "comes from OPENAI_API_KEY.",
+        "comes from OPENAI_API_KEY (a server of your own, given by --base-url, may need none).",
     )
     add = run.add_argument
     add("input", type=Path, help="requests, one JSON object a line")
@@ -76,6 +83,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add("--model", default=DEFAULT_MODEL, help=f"model of requests that name none (default {DEFAULT_MODEL})")
     add("--rpm", type=positive_int, help="requests per minute to stay under (default: the API's headers)")
     add("--tpm", type=positive_int, help="tokens per minute to stay under (default: the API's headers)")
+    add("--limit", type=model_limit, action="append", default=[], metavar="MODEL=RPM,TPM",
+        help="a model's own limits (repeatable); --rpm/--tpm are the limits of every model not named. Each model "
+        "has buckets of its own, as OpenAI limits each model separately")
     add("--workers", type=positive_int, default=64, help="most requests in flight (default 64)")
     add("--max-attempts", type=positive_int, default=6, help="attempts per request (default 6)")
     add("--base-url", help="API base URL (default: OPENAI_BASE_URL, else OpenAI's)")
@@ -83,16 +93,25 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run against the built-in mock server (no key needed); --rpm/--tpm set its limits")
     add("--redis", metavar="URL",
         help="share --rpm/--tpm with every process and host that uses this Redis (one budget)")
+    add("--redis-grace", type=seconds, default=30.0, metavar="SECONDS",
+        help="how long admission waits through a Redis outage before the run stops (default 30)")
     add("--budget", type=dollars, metavar="USD",
-        help="stop admitting before spending could pass this many US dollars; a later run resumes the rest")
+        help="the job's spending limit in US dollars, counting what OUTPUT already records as spent")
     add("--prices", type=Path, metavar="FILE", help="JSON prices per model, adding to the built-in list prices")
     add("--cache", metavar="PATH",
         help="response cache for deterministic requests (temperature 0, embeddings): a SQLite file, or "
         "'redis' to keep it in the --redis server")
     add("--fallback", action="append", default=[], metavar="MODEL",
         help="a model to try when a request's model fails for good (404, retries exhausted); repeatable")
+    add("--rerun-changed", action="store_true",
+        help="run again the lines whose request changed since their result was written (the new line "
+        "supersedes the old: the last line of a custom_id is its result)")
+    add("--echo-request", action="store_true",
+        help="copy each request's body into its output line (scheduler.request_body)")
     add("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
     add("-v", "--verbose", action="store_true", help="also log retries and other info events")
+    add("-q", "--quiet", action="store_true",
+        help="no progress and no summary; one line on stderr only when the run did not fully succeed")
     run.set_defaults(handler=_run)
 
 
@@ -100,8 +119,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
-    """What to run, checked before anything is sent."""
+class Plan:
+    """What to run, checked before anything is sent (the parsed command line)."""
 
     input: Path
     output: Path
@@ -114,104 +133,103 @@ class _Plan:
     workers: int
     max_attempts: int
     redis: str | None = None
+    redis_grace_s: float = 30.0
     budget_usd: float | None = None
     prices: Path | None = None
     cache: str | None = None
     fallbacks: tuple[str, ...] = ()
     metrics_port: int | None = None
+    rerun_changed: bool = False
+    echo_requests: bool = False
+    quiet: bool = False
+    #: limits of particular models
+    model_limits: tuple[tuple[str, Limits], ...] = ()
 
 
-@dataclass(slots=True)
-class _State:
-    """What the run's parts share."""
-
-    counts: RunCounts
-    #: monotonic time the process started
-    started: float
-    #: ids already in the output
-    done: IdSet
-    #: set when the first request is out: the warm-up thread then loads the tokenizer
-    first_sent: threading.Event
-    #: set once the tokenizer's encoding has loaded
-    tokenizer_ready: threading.Event
-    #: why reading stopped: a signal's name, or the code of a run-fatal error
-    stopping: str | None = None
-    #: the run-fatal error's message
-    fatal: str | None = None
-    signal: int | None = None
-    #: results taken from the pool, written or not
-    received: int = 0
-    #: monotonic time the first request went out
-    first_request: float | None = None
-    #: cancels the whole run (made on the event loop)
-    hard_stop: anyio.CancelScope | None = None
+class _StartFailed(Exception):
+    """The run could not start (before any request): exit 2, and no output file left behind."""
 
 
 def _run(args: argparse.Namespace) -> int:
-    started = time.monotonic() - _process_age()
-    live = sys.stderr.isatty()
-    configure_logging(json=not live, level=logging.INFO if args.verbose else logging.WARNING)
-    # Jobs a stop kept from running are not failures here (the next run does them): one line says why it
-    # stopped, not one per queued job.
-    structlog.configure(processors=[_drop_deferred, *structlog.get_config()["processors"]])
+    started = time.monotonic() - process_age()
+    live = sys.stderr.isatty() and not args.quiet
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    configure_logging(json=not sys.stderr.isatty(), level=level)
+    hush = LogFilter(live=live)
+    structlog.configure(processors=[hush, *structlog.get_config()["processors"]])
     if live:
         # Logs must go through whatever sys.stderr is when written: rich's proxy while the display runs.
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _CurrentStderr())))
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(cast(TextIO, CurrentStderr())))
     first_sent, tokenizer_ready = threading.Event(), threading.Event()
-    threading.Thread(target=_warm_up, args=(args.model, first_sent, tokenizer_ready), daemon=True).start()
+    threading.Thread(target=warm_up, args=(args.model, first_sent, tokenizer_ready), daemon=True).start()
     try:
         plan = _plan(args)
+    except UsageError as exc:
+        return fail("run", str(exc))
+    with contextlib.suppress(AttributeError, ValueError):  # no SIGXFSZ on Windows
+        # Past a file-size limit (ulimit -f) a write then fails with EFBIG instead of killing the process, and
+        # the run stops with whole lines, saying why.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        # First of all, and held to the end: a second run on this output must not even repair it.
+        writer = OutputWriter(plan.output, echo_requests=plan.echo_requests)
+    except OutputLocked as exc:
+        return fail("run", str(exc))
+    except OSError as exc:
+        return fail("run", f"cannot write the output: {exc}")
+    try:
+        state = RunState(RunCounts(), started, first_sent, tokenizer_ready)
+        hush.state = state
+        try:
+            return _run_locked(plan, writer, state, live)
+        except _StartFailed as exc:
+            writer.discard_if_unused()
+            return fail("run", str(exc))
+        except KeyboardInterrupt:
+            writer.discard_if_unused()  # Ctrl-C while the files are read: nothing was sent
+            raise
+    finally:
+        writer.close()
+
+
+def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -> int:
+    try:
         prior = scan_output(plan.output)
-        scan = scan_input(plan.input, prior.done)
-    except (UsageError, OSError) as exc:
-        print(f"scheduler run: error: {exc}", file=sys.stderr)
-        return 2
-    if scan.duplicates:
-        _report_duplicates(plan.input, scan.duplicates)
-        return 2
-    counts = RunCounts(lines=scan.lines, skipped=scan.done)
-    state = _State(counts, started, prior.done, first_sent, tokenizer_ready)
+        scan = scan_input(plan.input, prior, model=plan.model)
+    except OSError as exc:
+        raise _StartFailed(str(exc)) from exc
+    problem = refusal(plan, scan)
+    if problem is not None:
+        raise _StartFailed(problem)
+    counts = state.counts
+    counts.lines, counts.skipped = scan.lines, scan.done
     where = f"{plan.model}, mock server" if plan.mock else plan.model
     title = f"scheduler run  {plan.input} -> {plan.output}  ({where})"
-    progress = Progress(counts, title=title, live=live)
-    if counts.to_do > 0:
-        try:
-            writer = OutputWriter(plan.output)
-        except OSError as exc:
-            print(f"scheduler run: error: cannot write the output: {exc}", file=sys.stderr)
-            return 2
-        try:
-            asyncio.run(_execute(plan, writer, state, progress))
-        except (UsageError, SchedulerError) as exc:
-            # Found at start-up, before any request: a bad prices file, an unreachable Redis.
-            print(f"scheduler run: error: {exc}", file=sys.stderr)
-            return 2
-        finally:
-            writer.close()
-    code, message = _verdict(state, prior.failed, plan.output)
+    progress = Progress(counts, title=title, live=live, quiet=plan.quiet)
+    budget_left = None if plan.budget_usd is None else plan.budget_usd - prior.spent_usd
+    if counts.to_do > 0 and budget_left is not None and budget_left <= 0:
+        state.stop(BudgetExhausted.code, "the budget is spent")  # nothing is sent
+    elif counts.to_do > 0:
+        asyncio.run(_execute(plan, writer, state, progress, prior, scan, budget_left))
+    code, message = verdict(plan, state, scan, prior)
+    stats = state.statistics
     first = state.first_request
-    progress.summary(
-        {
-            "input": str(plan.input), "output": str(plan.output), "requests": counts.lines,
-            "already_done": counts.skipped, "succeeded": counts.succeeded, "failed": counts.failed,
-            "invalid_lines": counts.invalid, "not_done": counts.to_do - counts.done,
-            "prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
-            "cost_usd": round(counts.cost_usd, 6),
-            "first_request_s": round(first - started, 3) if first is not None else None,
-            "elapsed_s": round(time.monotonic() - started, 3), "exit_code": code,
-        },
-        message,
-    )
+    figures: dict[str, Any] = {
+        "input": str(plan.input), "output": str(plan.output), "requests": counts.lines,
+        "already_done": counts.skipped, "succeeded": counts.succeeded, "failed": counts.failed,
+        "invalid_lines": counts.invalid, "not_done": counts.to_do - counts.done, "truncated": counts.truncated,
+        "prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
+        "retries": stats.retries if stats else 0, "rate_limited": stats.rate_limited if stats else 0,
+        "pauses": stats.pauses if stats else 0, "cost_usd": round(counts.cost_usd, 6),
+        "earlier_cost_usd": round(prior.spent_usd, 6),
+        "first_request_s": round(first - state.started, 3) if first is not None else None,
+        "elapsed_s": round(time.monotonic() - state.started, 3), "exit_code": code,
+    }
+    progress.summary(figures, message)
     return code
 
 
-def _drop_deferred(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    if event.get("event") == "job_failed" and event.get("code") in STOPPED_CODES:
-        raise structlog.DropEvent
-    return event
-
-
-def _plan(args: argparse.Namespace) -> _Plan:
+def _plan(args: argparse.Namespace) -> Plan:
     if args.mock:
         if args.base_url:
             raise UsageError("--mock runs its own server: leave out --base-url")
@@ -236,82 +254,32 @@ def _plan(args: argparse.Namespace) -> _Plan:
         raise UsageError("--cache redis keeps the cache in the --redis server: give --redis URL")
     if args.prices is not None and not args.prices.is_file():
         raise UsageError(f"no such prices file: {args.prices}")
-    return _Plan(source, output, args.model, key, base_url, args.mock, args.rpm, args.tpm, args.workers,
-                 args.max_attempts, args.redis, args.budget, args.prices, args.cache, tuple(args.fallback),
-                 args.metrics_port)
+    return Plan(source, output, args.model, key, base_url, args.mock, args.rpm, args.tpm, args.workers,
+                 args.max_attempts, args.redis, args.redis_grace, args.budget, args.prices, args.cache,
+                 tuple(args.fallback), args.metrics_port, args.rerun_changed, args.echo_request, args.quiet,
+                 tuple(args.limit))
 
 
-def _report_duplicates(path: Path, duplicates: list[tuple[str, list[int]]]) -> None:
-    lines = [f"scheduler run: error: {len(duplicates)} custom_id(s) appear more than once in {path}; "
-             "nothing was sent. Give every line its own custom_id:"]
-    for custom_id, numbers in duplicates[:20]:
-        more = " ..." if len(numbers) > 10 else ""
-        lines.append(f"  {custom_id!r} on lines {', '.join(map(str, numbers[:10]))}{more}")
-    if len(duplicates) > 20:
-        lines.append(f"  ... and {len(duplicates) - 20} more")
-    print("\n".join(lines), file=sys.stderr)
+async def _execute(
+    plan: Plan, writer: OutputWriter, state: RunState, progress: Progress, prior: OutputScan, scan: InputScan,
+    budget_left: float | None,
+) -> None:
+    """Run the requests not done yet through a pool, writing each result as it completes.
 
-
-def _verdict(state: _State, failed_before: int, output: Path) -> tuple[int, str]:
-    """The exit code and what to do next."""
-    counts = state.counts
-    left = counts.to_do - counts.done
-    again = f"run the same command again to finish the {left:,} request(s) not done yet."
-    if state.signal is not None:
-        return _SIGNAL_EXIT.get(signal.Signals(state.signal), 130), f"Interrupted: {again}"
-    if state.fatal is not None:
-        return 3, f"Stopped: {state.fatal}. Then {again}"
-    if left > 0:
-        return 1, f"Not finished: {again}"
-    failed = counts.failed + failed_before
-    if failed:
-        return 1, f"Done: {failed:,} request(s) failed; their error records are in {output}."
-    return 0, f"Done: every request succeeded; results in {output}."
-
-
-async def _execute(plan: _Plan, writer: OutputWriter, state: _State, progress: Progress) -> None:
-    """Run the requests not done yet through a pool, writing each result as it completes."""
-    from openai import AsyncOpenAI, DefaultAioHttpClient  # here: the SDK's import is most of the start-up
-
-    from ..limits import Limits
-    from ..transport import OpenAITransport
+    Raises:
+        _StartFailed: the run could not start (a bad prices file, an unreachable Redis); nothing was sent.
+    """
+    from ..admission.redis_store import SharedLimitUnavailable
 
     async with contextlib.AsyncExitStack() as stack:
-        base_url = plan.base_url
-        if plan.mock:
-            from ..mock import MockConfig, MockServer
-
-            config = MockConfig(
-                rpm=plan.rpm or _MOCK_RPM, tpm=plan.tpm or _MOCK_TPM, latency_ms=_MOCK_LATENCY_MS
-            )
-            base_url = (await stack.enter_async_context(MockServer(config))).base_url
-        client = AsyncOpenAI(api_key=plan.key, base_url=base_url, http_client=DefaultAioHttpClient())
-        stack.push_async_callback(client.close)
-        cache: Any = plan.cache
-        if cache == "redis":
-            from ..cache import RedisCache
-
-            assert plan.redis is not None  # checked in _plan
-            cache = RedisCache(plan.redis)
-            stack.push_async_callback(cache.aclose)
-        # No model for the pool: every body names one, and a pool with a model waits for its tokenizer.
         try:
-            pool = Pool(
-                client=client,  # names the shared budget under --redis; requests go through the transport
-                limits=Limits(rpm=plan.rpm, tpm=plan.tpm) if plan.rpm or plan.tpm else None,
-                workers=plan.workers, max_attempts=plan.max_attempts, queue_size=_READ_AHEAD,
-                sink=_Recorder(writer, state),
-                transport=_FirstSend(OpenAITransport(client), state),
-                redis=plan.redis, budget_usd=plan.budget_usd, prices=plan.prices, cache=cache,
-                fallbacks=plan.fallbacks,
-            )
+            pool = await _start(plan, state, writer, stack, budget_left)
         except SchedulerError as exc:
-            raise UsageError(str(exc)) from exc
-        pool.estimator = _WarmEstimator(pool.estimator.default_output_tokens, state.tokenizer_ready)
+            raise _StartFailed(str(exc)) from exc
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows: Ctrl-C stops at once
-            for signum in _SIGNAL_EXIT:
-                loop.add_signal_handler(signum, _on_signal, signum, state, pool)
+            for signum in SIGNAL_EXIT:
+                loop.add_signal_handler(signum, _on_signal, signum, state, pool, progress)
         state.hard_stop = anyio.CancelScope()
         try:
             with state.hard_stop:
@@ -322,16 +290,86 @@ async def _execute(plan: _Plan, writer: OutputWriter, state: _State, progress: P
                         metrics = await serve_metrics(pool, plan.metrics_port)
                         stack.push_async_callback(metrics.aclose)
                     tasks.start_soon(progress.watch, pool.statistics)
-                    tasks.start_soon(_drain_watch, state, pool)
-                    requests = _requests(plan, writer, state)
+                    tasks.start_soon(_watch, state, pool, writer)
+                    requests = _requests(plan, writer, state, prior, scan)
                     async with anyio.create_task_group() as feeders:
                         for _ in range(plan.workers + _READ_AHEAD):
                             feeders.start_soon(_feed, pool, requests)
                     tasks.cancel_scope.cancel()
+        except Exception as exc:
+            # Redis gone for longer than the grace: admission cannot go on without the shared budget.
+            unavailable = _find(exc, SharedLimitUnavailable)
+            if unavailable is None:
+                raise
+            state.stop(_REDIS_UNAVAILABLE, str(unavailable))
         finally:
+            state.statistics = pool.statistics()
             state.first_sent.set()
-            for signum in _SIGNAL_EXIT:
+            for signum in SIGNAL_EXIT:
                 loop.remove_signal_handler(signum)
+
+
+async def _start(
+    plan: Plan, state: RunState, writer: OutputWriter, stack: contextlib.AsyncExitStack, budget_left: float | None
+) -> Pool:
+    """The mock server (with --mock), the client, the shared limiter (with --redis) and the pool, not yet entered.
+
+    Raises:
+        SchedulerError: one of them cannot be made (nothing was sent).
+    """
+    from openai import AsyncOpenAI, DefaultAioHttpClient  # here: the SDK's import is most of the start-up
+
+    from ..transport import OpenAITransport
+
+    base_url = plan.base_url
+    if plan.mock:
+        from ..mock import MockConfig, MockServer
+
+        config = MockConfig(rpm=plan.rpm or _MOCK_RPM, tpm=plan.tpm or _MOCK_TPM, latency_ms=_MOCK_LATENCY_MS)
+        base_url = (await stack.enter_async_context(MockServer(config))).base_url
+    client = AsyncOpenAI(api_key=plan.key, base_url=base_url, http_client=DefaultAioHttpClient())
+    stack.push_async_callback(client.close)
+    from ..admission import Limiter
+
+    limits = Limits(rpm=plan.rpm, tpm=plan.tpm) if plan.rpm or plan.tpm else None
+    store = None
+    if plan.redis is not None:
+        # Connected here rather than by the pool, to set how long a Redis outage is waited through.
+        from ..admission.redis_store import RedisStore
+
+        assert limits is not None  # checked in _plan
+        store = await RedisStore.connect(plan.redis, outage_grace_s=plan.redis_grace_s)
+    # The pool closes the limiter (and so the store's connections) when it closes.
+    limiter = Limiter(limits, model_limits=dict(plan.model_limits), store=store)
+    cache: Any = plan.cache
+    if cache == "redis":
+        from ..cache import RedisCache
+
+        assert plan.redis is not None  # checked in _plan
+        cache = RedisCache(plan.redis)
+        stack.push_async_callback(cache.aclose)
+    # No model for the pool: every body names one, and a pool with a model waits for its tokenizer.
+    pool = Pool(
+        client=client,  # requests go through the transport
+        limiter=limiter,
+        workers=plan.workers, max_attempts=plan.max_attempts, queue_size=_READ_AHEAD,
+        sink=Recorder(writer, state),
+        transport=FirstSend(OpenAITransport(client), state),
+        budget_usd=budget_left, prices=plan.prices, cache=cache, fallbacks=plan.fallbacks,
+        estimator=WarmEstimator(state.tokenizer_ready),
+    )
+    return pool
+
+
+def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``exc`` or the first exception of that kind inside it (task groups wrap what their tasks raise)."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _find(inner, kind)) is not None:
+                return found
+    return None
 
 
 async def _feed(pool: Pool, requests: Iterator[Request]) -> None:
@@ -345,53 +383,69 @@ async def _feed(pool: Pool, requests: Iterator[Request]) -> None:
                           priority=request.priority, raise_errors=False)
 
 
-def _requests(plan: _Plan, writer: OutputWriter, state: _State) -> Iterator[Request]:
+def _requests(
+    plan: Plan, writer: OutputWriter, state: RunState, prior: OutputScan, scan: InputScan
+) -> Iterator[Request]:
     """The input's requests not done yet, read as the pool has room; invalid lines become error records."""
-    counts, done = state.counts, state.done
-    resuming = len(done) > 0
+    counts = state.counts
+    resuming = len(prior.done) > 0
     with plan.input.open("rb") as file:
         for number, raw in read_lines(file):
             if state.stopping is not None:
                 return
-            if resuming and line_custom_id(number, raw) in done:
-                continue  # done by an earlier run: skipped without the full parse
+            if resuming:
+                custom_id = line_custom_id(number, raw)
+                if prior.is_done(custom_id) and custom_id not in scan.changed:
+                    continue  # done by an earlier run (its request checked by scan_input)
             line = parse_line(number, raw, model=plan.model)
             if line.request is None:
                 log.warning("invalid_line", file=str(plan.input), line=number, custom_id=line.custom_id,
                             problem=line.problem)
-                writer.write(line.error_result())
                 counts.failed += 1
                 counts.invalid += 1
+                state.first_invalid = state.first_invalid or f"line {number}: {line.problem}"
+                if resuming and prior.recorded_invalid(line.custom_id, raw):
+                    continue  # the same line's record is already there
+                try:
+                    writer.write(line.error_result(), fingerprint=line_hash(raw))
+                except OutputUnwritable as exc:
+                    state.stop_at_once(exc)
+                    return
                 continue
-            if line.metadata is not None:
-                writer.metadata[line.custom_id] = line.metadata
-            yield line.request
+            request = line.request
+            writer.expect(line.custom_id, request_hash(request.endpoint, request.body), line.metadata,
+                          request.body)
+            yield request
 
 
-def _on_signal(signum: int, state: _State, pool: Pool) -> None:
+def _on_signal(signum: int, state: RunState, pool: Pool, progress: Progress) -> None:
     if state.signal is not None:
         # The second Ctrl-C: stop at once. Requests in flight are not written, so the next run does them.
-        log.warning("run_stopping_now", detail="requests in flight are abandoned; the next run does them")
+        progress.say("Stopping now: the requests in flight are abandoned; the next run does them.", "run_stopping_now")
         if state.hard_stop is not None:
             state.hard_stop.cancel()
         return
     state.signal = signum
     state.stopping = signal.Signals(signum).name
     pool.stop("the run was interrupted")
-    log.warning(
-        "run_stopping", signal=state.stopping,
-        detail="waiting for the requests in flight (Ctrl-C again to stop at once); "
-        "run the same command again to resume",
-    )
+    in_flight = pool.statistics().in_flight
+    progress.say(f"Stopping: waiting for the {in_flight} request(s) in flight (Ctrl-C again to stop at once). "
+                 "Run the same command again to resume.", "run_stopping")
 
 
-async def _drain_watch(state: _State, pool: Pool) -> None:
-    """Once the run is stopping, end it as soon as nothing is in flight and every result is written.
+async def _watch(state: RunState, pool: Pool, writer: OutputWriter) -> None:
+    """Stop at once when the output is deleted or replaced; once the run is stopping, end it as soon as nothing
+    is in flight and every result is written.
 
     A job waiting out a retry backoff holds no request open: the next run does it, rather than this one wait.
     """
     while True:
         await anyio.sleep(0.05)
+        try:
+            writer.check()
+        except OutputUnwritable as exc:
+            state.stop_at_once(exc)
+            return
         if state.stopping is None:
             continue
         stats = pool.statistics()
@@ -399,98 +453,3 @@ async def _drain_watch(state: _State, pool: Pool) -> None:
             assert state.hard_stop is not None
             state.hard_stop.cancel()
             return
-
-
-def _warm_up(model: str, first_sent: threading.Event, ready: threading.Event) -> None:
-    """Import the SDK while the main thread reads the files; load the tokenizer's encoding once the first
-    request is out. Each takes a good part of a second of CPU, and under the GIL they would slow each other
-    down: the first request needs the SDK, not the encoding (see _WarmEstimator)."""
-    import openai  # noqa: F401
-
-    first_sent.wait(timeout=10.0)
-    TokenEstimator.preload(model)
-    ready.set()
-
-
-class _WarmEstimator(TokenEstimator):
-    """Token estimates that never wait for the tokenizer: 4 characters a token (tiktoken's own fallback) until
-    the encoding has loaded, tiktoken after. The limiter calibrates estimates from the headers either way."""
-
-    __slots__ = ("_ready",)
-
-    def __init__(self, default_output_tokens: int, ready: threading.Event) -> None:
-        super().__init__(default_output_tokens)
-        self._ready = ready
-
-    def estimate(self, endpoint: str, body: Mapping[str, Any]) -> int:
-        if self._ready.is_set():
-            return super().estimate(endpoint, body)
-        prompt = math.ceil(self.prompt_chars(endpoint, body) / 4) + 3 * (len(body.get("messages") or ()) + 1)
-        return prompt + output_reservation(endpoint, body, self.default_output_tokens)
-
-
-class _Recorder:
-    """The pool's sink: writes each result, counts it, and notices a run-fatal stop."""
-
-    __slots__ = ("_state", "_writer")
-
-    def __init__(self, writer: OutputWriter, state: _State) -> None:
-        self._writer = writer
-        self._state = state
-
-    async def write(self, result: Result) -> None:
-        state = self._state
-        state.received += 1
-        written = self._writer.write(result)
-        state.counts.add(result, written)
-        if not written and state.stopping is None and result.error is not None:
-            # A run-fatal error (quota, key): stop reading; what is left stays for the next run.
-            state.stopping = result.error.code
-            state.fatal = result.error.message
-
-    async def aclose(self) -> None:
-        return None  # the run closes the file once the pool is gone
-
-
-class _FirstSend:
-    """The pool's transport, noting when the first request goes out (the start-up figure of the summary)."""
-
-    __slots__ = ("_inner", "_state")
-
-    def __init__(self, inner: Transport, state: _State) -> None:
-        self._inner = inner
-        self._state = state
-
-    async def send(self, endpoint: str, body: Mapping[str, Any], *, timeout: float | None) -> Response:
-        state = self._state
-        if state.first_request is None:
-            state.first_request = time.monotonic()
-            state.first_sent.set()
-            log.info("first_request", after_s=round(state.first_request - state.started, 3))
-        return await self._inner.send(endpoint, body, timeout=timeout)
-
-    def stream(
-        self, endpoint: str, body: Mapping[str, Any], *, timeout: float | None
-    ) -> contextlib.AbstractAsyncContextManager[StreamResponse]:
-        return self._inner.stream(endpoint, body, timeout=timeout)
-
-
-class _CurrentStderr:
-    """A file writing to whatever ``sys.stderr`` is now (rich swaps in a proxy during the live display)."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-def _process_age() -> float:
-    """Seconds since this process started (Linux; 0 elsewhere), so start-up figures include the imports."""
-    try:
-        with open("/proc/self/stat", "rb") as file:
-            fields = file.read().rsplit(b")", 1)[1].split()
-        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
-    except (OSError, ValueError, IndexError, AttributeError):
-        return 0.0

@@ -164,7 +164,9 @@ class _Batch:
             return self.done
         if self.status != "in_progress":
             return 0
-        n = min(len(self.requests), math.floor((now - self.started) * self.rate + 1e-9))
+        # A millionth of a line of slack: at a transition's own time (started + k / rate) the float arithmetic
+        # on clock values of the size of a monotonic clock's can land a hair below k.
+        n = min(len(self.requests), math.floor((now - self.started) * self.rate + 1e-6))
         return n if self.expire_after is None else min(n, self.expire_after)
 
 
