@@ -294,6 +294,7 @@ _LABELS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "retries": ("retries", _number),
     "rate_limited": ("429 answers", _number),
     "pauses": ("pauses for a 429", _number),
+    "token_ratio": ("server tokens per token of our estimate", lambda v: f"{v:.3f}"),
     "cost_usd": ("cost of this run", _usd),
     "earlier_cost_usd": ("cost of earlier runs", _usd),
     "first_request_s": ("first request sent after", _seconds),

@@ -125,6 +125,8 @@ class ScopeLimiter:
             self._probing = False  # the probe got no limits: the next request probes again
             return
         empty, shrink, min_burst = self.model.refusal(dimension)
+        if "tokens" in empty:
+            self.model.calibration.refused()
         await self.store.give_back(self._key, params, costs, True, empty, shrink, min_burst)
 
     async def levels(self) -> Mapping[str, float]:
