@@ -350,3 +350,31 @@ async def test_map_stops_feeding_while_the_reader_is_behind() -> None:
         assert len(transport.calls) <= pulled
         await results.aclose()
         pool.stop()
+
+
+async def test_map_takes_body_keywords_as_submit_does() -> None:
+    clock = FakeClock()
+    transport = FakeTransport(clock=clock)
+    async with clock.autojump(), make_pool(transport, clock) as pool:
+        results = [r async for r in pool.map(["a", "b", {"messages": [{"role": "user", "content": "c"}]}],
+                                             max_tokens=20, temperature=0)]
+    assert all(r.ok for r in results)
+    assert [(body["max_tokens"], body["temperature"]) for _, body in transport.calls] == [(20, 0)] * 3
+
+
+async def test_each_model_has_buckets_of_its_own() -> None:
+    """OpenAI limits each model separately: a run that mixes models must not push them through one bucket pair,
+    nor hold every model to the smallest one's limit."""
+    clock = FakeClock()
+    transport = FakeTransport(clock=clock)
+    limits = scheduler.Limits(rpm=60)  # one a second, for every model not named
+    async with clock.autojump(), make_pool(transport, clock, limits=limits,
+                                           model_limits={"gpt-4o": scheduler.Limits(rpm=120)}) as pool:
+        await asyncio.gather(*(pool.submit({"model": m, "messages": [{"role": "user", "content": m}],
+                                            "max_tokens": 5}) for m in ["gpt-4o-mini"] * 3 + ["gpt-4o"] * 3))
+        scopes = {s.model: s.limits for s in pool.statistics().scopes}
+    sent = {m: [t for t, (_, body) in zip(transport.sent_at, transport.calls, strict=True) if body["model"] == m]
+            for m in ("gpt-4o-mini", "gpt-4o")}
+    assert sent["gpt-4o-mini"] == [0.0, 1.0, 2.0]
+    assert sent["gpt-4o"] == [0.0, 0.5, 1.0]
+    assert scopes == {"gpt-4o-mini": limits, "gpt-4o": scheduler.Limits(rpm=120)}
