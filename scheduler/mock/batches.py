@@ -164,7 +164,9 @@ class _Batch:
             return self.done
         if self.status != "in_progress":
             return 0
-        n = min(len(self.requests), math.floor((now - self.started) * self.rate + 1e-9))
+        # Loop time is the machine's uptime: at a few thousand seconds, (t + k / rate - t) * rate falls short of k
+        # by more than 1e-9, and a scripted expiry after k lines would answer k - 1.
+        n = min(len(self.requests), math.floor((now - self.started) * self.rate + 1e-6))
         return n if self.expire_after is None else min(n, self.expire_after)
 
 
