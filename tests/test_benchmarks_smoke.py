@@ -22,13 +22,14 @@ def bench() -> Iterator[dict[str, ModuleType]]:
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import bench_efficiency
+        import bench_faults
         import bench_memory
         import bench_overhead
         import loadtest
         import run_all
 
         yield {"efficiency": bench_efficiency, "memory": bench_memory, "overhead": bench_overhead,
-               "loadtest": loadtest, "run_all": run_all}
+               "loadtest": loadtest, "run_all": run_all, "faults": bench_faults}
     finally:
         sys.path.remove(str(BENCHMARKS))
 
@@ -56,6 +57,22 @@ def test_efficiency_scheduler_client_completes(bench: dict[str, ModuleType]) -> 
     assert variant["timelines"]["scheduler"]
     summary = bench["run_all"].summarize({"efficiency": [variant]})
     assert summary[0]["figure"].startswith("limit efficiency")
+
+
+def test_faults_run_loses_nothing_and_writes_nothing_twice(bench: dict[str, ModuleType]) -> None:
+    faults = bench["faults"]
+    base = faults.Workload(requests=60, rpm=600_000, tpm=100_000_000, latency_ms=0.0, latency_sigma=0.0,
+                           slow_ms=50.0)
+    # Three times the benchmark's fault rates: a run this small still meets a few faults of each kind.
+    done = faults.run(["cli", "library"], base, runs=1, fault_scale=3.0)
+    assert [row["way"] for row in done["rows"]] == ["cli", "library"]
+    for row in done["rows"]:
+        assert (row["lost"], row["duplicates"], row["failed"], row["hang"], row["torn_lines"]) == (0, 0, 0, False, 0)
+        assert row["faults_injected"] > 0 and row["efficiency"] > 0
+    cli, library = done["rows"]
+    assert cli["exit_code"] == 0
+    assert library["stream_incomplete"] == library["mid_stream_faults"]
+    assert [line["way"] for line in done["summary"]] == ["cli", "library"]
 
 
 def test_efficiency_plot_is_written(bench: dict[str, ModuleType], tmp_path: Path) -> None:

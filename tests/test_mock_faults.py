@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -116,6 +117,20 @@ async def test_stream_error_event_after_some_deltas(fault: str) -> None:
         assert seen == "Mock reply: hello"
         assert info.value.message.startswith("The server had an error while processing your request.")
         assert info.value.type == "server_error"
+
+
+@pytest.mark.parametrize("fault", ["stream_cut", "stream_truncated", "stream_error", "stream_error_event"])
+async def test_a_stream_faults_argument_says_after_how_many_deltas_it_strikes(fault: str) -> None:
+    async with running() as (server, client):
+        server.inject(f"{fault}:0", f"{fault}:1")
+        for count in (0, 1):
+            stream = await client.chat.completions.create(model="m", messages=USER, stream=True)
+            texts: list[str] = []
+            with contextlib.suppress(openai.APIError):
+                async for chunk in stream:
+                    assert chunk.choices[0].finish_reason is None
+                    texts += [chunk.choices[0].delta.content or ""]
+            assert [t for t in texts if t] == ["Mock", " reply:"][:count]
 
 
 async def test_stream_error_before_the_first_delta() -> None:

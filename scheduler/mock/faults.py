@@ -22,11 +22,12 @@ OUTCOMES: dict[str, str] = {
     "flex_unavailable": "429 resource_unavailable, as flex processing answers when short of capacity",
     "html": "a 200 whose body is an HTML page (text/html), as a misconfigured proxy answers",
     "bad_shape": 'a 200 with JSON that is not the endpoint\'s shape: {"status": "ok"}',
-    "stream_cut": "the connection closes after a few chunks (no finish_reason, no [DONE])",
-    "stream_truncated": "the stream ends cleanly after a few chunks, without finish_reason or [DONE]",
-    "stream_error": 'a data: {"error": ...} event after a few deltas, then the end',
+    "stream_cut": "the connection closes after a few deltas (argument: how many, default 3; no finish_reason)",
+    "stream_truncated": "the stream ends cleanly after a few deltas, without finish_reason or [DONE] (argument: "
+                        "how many deltas)",
+    "stream_error": 'a data: {"error": ...} event after a few deltas, then the end (argument: how many deltas)',
     "stream_error_first": 'a data: {"error": ...} event before the first delta',
-    "stream_error_event": "an event: error SSE event after a few deltas",
+    "stream_error_event": "an event: error SSE event after a few deltas (argument: how many deltas)",
     "max_output": "the answer uses the whole output cap, finish_reason length (argument: tokens when uncapped)",
     "refusal": "message.refusal set and content null, as OpenAI refuses",
     "invalid_json": "content that is not valid JSON (argument 'schema': valid JSON that breaks the schema)",
@@ -44,7 +45,8 @@ FAULTS = frozenset(OUTCOMES) | frozenset(MODIFIERS)
 REFUSALS = frozenset({"quota", "retry_after_long", "flex_unavailable"})
 #: Order in which rates are drawn: a fixed order keeps seeded runs reproducible.
 RATE_ORDER = tuple(OUTCOMES) + tuple(MODIFIERS)
-_NUMERIC = frozenset({"server_error", "slow", "retry_after_long", "max_output"})
+_NUMERIC = frozenset({"server_error", "slow", "retry_after_long", "max_output", "stream_cut", "stream_truncated",
+                      "stream_error", "stream_error_event"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ _STREAM_ERROR = {
         "code": None,
     }
 }
-_FEW = 3  # deltas sent before a stream fault strikes
+FEW_DELTAS = 3  # deltas sent before a stream fault strikes, unless its argument says how many
 _PIECE = 16  # characters per streamed delta of JSON or refusal text
 
 
@@ -132,9 +132,11 @@ def _event(obj: Any) -> bytes:
 
 
 async def stream_chat(
-    request: web.Request, job: Job, answer: Answer, headers: dict[str, str], fault: str | None
+    request: web.Request, job: Job, answer: Answer, headers: dict[str, str], fault: str | None,
+    after: int | None = None,
 ) -> web.StreamResponse:
-    """A streamed chat completion as OpenAI sends it, or cut/broken as `fault` (a stream_* name) says."""
+    """A streamed chat completion as OpenAI sends it, or cut/broken as `fault` (a stream_* name) says, after
+    `after` deltas (default FEW_DELTAS; 0: before the first)."""
     base: dict[str, Any] = {
         "id": "chatcmpl-" + random_hex(24),
         "object": "chat.completion.chunk",
@@ -157,7 +159,7 @@ async def stream_chat(
     else:
         for i in range(job.n):
             parts.append(chunk(i, {"role": "assistant", "content": "", "refusal": None}, None))
-            pieces = answer.pieces[:_FEW] if fault else answer.pieces
+            pieces = answer.pieces[: FEW_DELTAS if after is None else after] if fault else answer.pieces
             parts.extend(chunk(i, {field: p}, None) for p in pieces)
             if fault:
                 break

@@ -24,7 +24,7 @@ from .dialects import DIALECT_TYPES, Dialect, Scope
 from .faults import BAD_SHAPE, HTML_PAGE, REFUSALS, Fault, FaultPlan, corrupt_headers
 from .parse import BadRequest, Job, Parser, parse_chat, parse_embeddings, parse_responses
 from .ratelimit import Refusal
-from .render import broken_json, chat_body, compose, embeddings_body, responses_body, stream_chat
+from .render import FEW_DELTAS, broken_json, chat_body, compose, embeddings_body, responses_body, stream_chat
 from .respond import error_response, invalid_key, json_response, request_id
 from .stats import Stats
 
@@ -441,11 +441,13 @@ class MockServer:
         cfg = self.config
         st = self._stats
         stream_fault: str | None = None
+        stream_after: int | None = None
         invalid_schema = False
         filled = False
         for f in faults:
             if f.name.startswith("stream_"):
                 stream_fault = f.name
+                stream_after = int(f.number(FEW_DELTAS))
             elif f.name == "invalid_json":
                 invalid_schema = f.arg == "schema"
             elif f.name == "max_output":
@@ -466,7 +468,7 @@ class MockServer:
         else:
             answer = compose(job, cfg, names, invalid_schema, filled)
             if job.stream:
-                resp = await stream_chat(request, job, answer, headers, stream_fault)
+                resp = await stream_chat(request, job, answer, headers, stream_fault, stream_after)
                 self._done(job, scope, per_key)
                 return resp
             payload = chat_body(job, answer) if job.endpoint == "chat" else responses_body(job, body, answer)
