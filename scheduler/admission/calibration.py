@@ -11,8 +11,9 @@ consumption): the deficit at the start of the span must cover the span's refill.
 that way (we send too little, the server's bucket fills up, no sample is valid), so a second rule corrects it:
 when the headers show the server's bucket full while the pool waits on its token bucket, the ratio comes down,
 fast. And a 429 on tokens says the other thing for sure (we sent more than the server allows): the ratio goes
-up a step, so the pool settles just under the limit rather than on it. Servers whose buckets do not refill continuously (fixed windows) or that count real usage are not
-calibrated here: the model gives them their own treatment (see :mod:`scheduler.admission.model`).
+up a step, so the pool settles just under the limit rather than on it. Servers whose buckets do not refill
+continuously (fixed windows) or that count real usage are not calibrated here: the model gives them their own
+treatment (see :mod:`scheduler.admission.model`).
 """
 
 from __future__ import annotations
