@@ -216,15 +216,17 @@ class Attempts:
             await self._tell(job.scope.refused(job.costs, refusal.dimension))
             if refusal.kind == "window_spent" and asked is None:
                 asked = _seconds_to_next_minute()
-            delay = self.dispatcher.pause(asked if asked is not None else self.backoff.delay(job.attempts, self.rng))
+            delay = self.dispatcher.pause(job.scope, asked if asked is not None else
+                                          self.backoff.delay(job.attempts, self.rng))
             reason = "rate limited (429)"
         if now - job.limited_since >= self.max_rate_limited_s:
             await self.settler.fail(job, errors.RetriesExhausted,
                                     f"still refused ({reason}) after {now - job.limited_since:.0f} s of retries",
                                     response)
         elif job.deadline is not None and now + delay >= job.deadline:
+            wanted = asked if asked is not None else delay
             await self.settler.fail(job, errors.DeadlineExceeded,
-                                    f"{reason}: the server asks for {delay:g} s, past the deadline", response)
+                                    f"{reason}: the server asks for {wanted:g} s, past the deadline", response)
         else:
             self.counters.retries += 1
             log.info("job_retrying", custom_id=job.custom_id, attempt=job.attempts, delay_s=round(delay, 3),

@@ -28,7 +28,7 @@ log = structlog.get_logger("scheduler")
 
 
 class Dispatcher:
-    """Admits queued jobs and hands them to ``launch``; pauses all dispatch on a 429, stops it on a run-fatal
+    """Admits queued jobs and hands them to ``launch``; pauses a scope on a 429, stops all dispatch on a run-fatal
     error, and fails a job wherever it waits when its deadline passes.
 
     Args:
@@ -52,8 +52,10 @@ class Dispatcher:
         self.launch = launch
         self.max_pause_s = max_pause_s
         self.slots = asyncio.Semaphore(workers)
-        self.budget_freed = asyncio.Event()
-        self.pause_until = -math.inf
+        #: lanes held back: until when, and the priority of the job that was refused
+        self._blocked: dict[object, tuple[float, int]] = {}
+        self._budget_wait = False
+        queue.on_arrival = self.wake
         #: why admission stopped, if it did
         self.stopped: errors.RunStopped | None = None
         #: tasks settling jobs from callbacks; the pool waits for them before closing
@@ -68,12 +70,13 @@ class Dispatcher:
             if not queue:
                 await queue.wait_nonempty()
             await slots.acquire()
-            if not queue:  # a stop emptied it meanwhile
+            job, retry_at = self._take_ready()
+            if job is None:
                 slots.release()
+                await self._nap(retry_at - self.clock.now())
                 continue
-            job = queue.pop()
             try:
-                admitted = await self._admit(job) if job.state is State.QUEUED else None
+                admitted = await self._admit(job)
             except Exception as exc:
                 # A bug on one job's way (a limiter that raised, say) fails that job, not the dispatcher.
                 slots.release()
@@ -82,105 +85,121 @@ class Dispatcher:
             except BaseException:
                 slots.release()
                 raise
-            if admitted is None:
-                slots.release()
+            if admitted:
+                self.launch(job)
             else:
-                self.launch(admitted)
+                slots.release()
 
-    async def _admit(self, job: Job) -> Job | None:
-        """Wait until ``job`` (or a job that overtook it in priority meanwhile) fits the limits and the budget;
-        charge it. None: the job settled instead (failed, expired, abandoned)."""
-        clock, queue, settler = self.clock, self.queue, self.settler
-        while True:
-            if job.state is not State.QUEUED:
-                return None
-            if job.abandoned:
-                settler.drop(job)
-                return None
-            if self.stopped is not None:
-                await settler.fail(job, type(self.stopped), str(self.stopped))
-                return None
-            now = clock.now()
-            if job.deadline is not None and now >= job.deadline:
-                await settler.fail(job, errors.DeadlineExceeded, "the deadline passed while the job waited")
-                return None
-            until = job.deadline if job.deadline is not None else math.inf
-            scope = self.scope_of(job)
-            worst = 0.0
-            if self.pause_until > now:
-                await self._nap(min(self.pause_until, until) - now)
-            elif (tpm := scope.too_large(job.estimate)) is not None:
-                await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
-                return None
-            elif self.budget is not None and not self.budget.room_for(
-                    worst := self.budget.worst_case(job.endpoint, job.body, job.estimate)):
+    def _take_ready(self) -> tuple[Job | None, float]:
+        """The most urgent job among the lanes that may admit now; else None and when one may."""
+        if self._budget_wait:
+            return None, math.inf  # woken when a hold comes back
+        now, retry_at = self.clock.now(), math.inf
+        for priority, _, lane in self.queue.heads():
+            until, blocked_priority = self._blocked.get(lane, (-math.inf, 0))
+            # A more urgent job than the one refused may fit (it may spend what is kept for urgent work).
+            if until > now and priority >= blocked_priority:
+                retry_at = min(retry_at, until)
+                continue
+            return self.queue.pop_lane(lane), retry_at
+        return None, retry_at
+
+    def _block(self, job: Job, until: float) -> None:
+        """Hold ``job``'s lane back until ``until`` (its scope must wait) and put the job back at its head."""
+        self._blocked[self.queue.lane(job)] = (until, job.priority)
+        self.queue.requeue(job)
+
+    async def _admit(self, job: Job) -> bool:
+        """Charge ``job`` to its scope's limits and the budget if both have room now (True); else put it back
+        with its lane held until it may fit, or settle it (it expired, was abandoned, cannot ever fit)."""
+        settler = self.settler
+        if job.state is not State.QUEUED:
+            return False
+        if job.abandoned:
+            settler.drop(job)
+            return False
+        if self.stopped is not None:
+            await settler.fail(job, type(self.stopped), str(self.stopped))
+            return False
+        now = self.clock.now()
+        scope = self.scope_of(job)
+        if scope.pause_until > now:
+            self._block(job, scope.pause_until)
+            return False
+        if (tpm := scope.too_large(job.estimate)) is not None:
+            await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
+            return False
+        worst = 0.0
+        if self.budget is not None:
+            worst = self.budget.worst_case(job.endpoint, job.body, job.estimate)
+            if not self.budget.room_for(worst):
                 if self.budget.holding:
-                    await self._wait_for_budget(until)  # jobs in flight usually cost far less than they hold
+                    # Jobs in flight usually cost far less than they hold: wait for their costs.
+                    self._budget_wait = True
+                    self.queue.requeue(job)
                 else:
                     self.stop(errors.BudgetExhausted(self.budget.exhausted(worst)))
-            else:
-                job.scope = scope
-                job.costs = scope.costs(job.estimate, job.output)
-                try:
-                    wait = await scope.acquire(job.costs, job.priority)
-                except errors.RunStopped as exc:
-                    self.stop(exc)
-                    continue
-                if wait == 0.0:
-                    job.attempts += 1
-                    charged = int(job.costs["tokens"])
-                    self.counters.charged_tokens += charged
-                    self.meter.add(now, charged)
-                    if self.budget is not None:
-                        job.reserved = worst
-                        self.budget.hold(worst)
-                    return job
-                await self._nap(min(now + wait, until) - now)
-            head = queue.head()
-            if head is not None and (head.priority, head.sequence) < (job.priority, job.sequence):
-                queue.requeue(job)
-                job = queue.pop()
+                    await settler.fail(job, type(self.stopped), str(self.stopped))  # type: ignore[arg-type]
+                return False
+        job.scope = scope
+        job.costs = scope.costs(job.estimate, job.output)
+        try:
+            wait = await scope.acquire(job.costs, job.priority)
+        except errors.RunStopped as exc:
+            self.stop(exc)
+            await settler.fail(job, type(exc), str(exc))
+            return False
+        if wait > 0.0:
+            self._block(job, now + wait)
+            return False
+        job.attempts += 1
+        charged = int(job.costs["tokens"])
+        self.counters.charged_tokens += charged
+        self.meter.add(now, charged)
+        if self.budget is not None:
+            job.reserved = worst
+            self.budget.hold(worst)
+        return True
 
     async def _nap(self, seconds: float) -> None:
-        """The dispatcher's sleep: a stop or the pool closing wakes it early."""
+        """The dispatcher's sleep: an arrival, a stop, a budget hold coming back or the pool closing wakes it
+        early."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        timer = self.clock.call_at(self.clock.now() + max(0.0, seconds), functools.partial(_resolve, waiter))
+        timer = (self.clock.call_at(self.clock.now() + max(0.0, seconds), functools.partial(_resolve, waiter))
+                 if seconds < math.inf else None)
         self._napping = waiter
         try:
             await waiter
         finally:
-            timer.cancel()
-            self._napping = None
-
-    async def _wait_for_budget(self, until: float) -> None:
-        self.budget_freed.clear()
-        timer = self.clock.call_at(until, self.budget_freed.set) if until < math.inf else None
-        try:
-            await self.budget_freed.wait()
-        finally:
             if timer is not None:
                 timer.cancel()
+            self._napping = None
 
     def wake(self) -> None:
-        """Wake the dispatcher from a nap or a budget wait: something changed."""
+        """Wake the dispatcher from a nap: something changed."""
         if self._napping is not None and not self._napping.done():
             self._napping.set_result(None)
-        self.budget_freed.set()
+
+    def budget_freed(self) -> None:
+        """A budget hold came back: a job waiting for room may fit now."""
+        self._budget_wait = False
+        self.wake()
 
     # ------------------------------------------------------------------ pausing and stopping
 
-    def pause(self, delay: float) -> float:
-        """Pause all dispatch for ``delay`` seconds (capped at ``max_pause_s``); returns the pause taken."""
+    def pause(self, scope: ScopeLimiter, delay: float) -> float:
+        """Pause dispatch through ``scope`` for ``delay`` seconds (capped at ``max_pause_s``); returns the pause
+        taken. Other scopes (other models, other endpoints) go on."""
         if delay > self.max_pause_s:
             log.warning("pause_capped", asked_s=round(delay, 3), paused_s=self.max_pause_s,
                         detail="the server asked for a longer pause than max_pause_s; dispatch resumes sooner")
             delay = self.max_pause_s
         until = self.clock.now() + delay
-        if until > self.pause_until:
-            self.pause_until = until
+        if until > scope.pause_until:
+            scope.pause_until = until
             self.counters.pauses += 1
             # Info, not a warning: pausing on a 429 is the pool doing its job; statistics().pauses counts them.
-            log.info("dispatch_paused", delay_s=round(delay, 3), reason="rate_limited")
+            log.info("dispatch_paused", delay_s=round(delay, 3), reason="rate_limited", model=scope.model_name)
         return delay
 
     def stop(self, error: errors.RunStopped) -> None:

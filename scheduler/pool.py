@@ -194,7 +194,8 @@ class Pool:
                                           endpoint_key(fallback.client)))
             else:
                 self._routes.append(Route(fallback.transport or transport, self._routes[0].endpoint))
-        self._queue: JobQueue[Job] = JobQueue(queue_size)
+        # One lane per limit scope (a route and a model): a model waiting for its limit holds back no other.
+        self._queue: JobQueue[Job] = JobQueue(queue_size, lane=_lane)
         self._sequence = itertools.count()
         self._counters = Counters()
         self._meter = RateMeter()
@@ -536,4 +537,8 @@ class Pool:
         self._attempts.launch(job)
 
     def _budget_freed(self) -> None:
-        self._dispatcher.budget_freed.set()
+        self._dispatcher.budget_freed()
+
+
+def _lane(job: Job) -> tuple[int, str | None]:
+    return job.route, job.model

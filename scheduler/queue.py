@@ -1,10 +1,17 @@
-"""The bounded priority queue between submitters and the dispatcher."""
+"""The bounded priority queue between submitters and the dispatcher, one lane per limit scope.
+
+A lane holds the jobs one limit scope admits (a route and a model: OpenAI limits each model separately). Each
+lane is ordered by ``(priority, sequence)``: lower priority number first, FIFO among equals. The dispatcher takes
+the most urgent head among the lanes that can admit now, so a model waiting for its limit never holds back a
+model whose buckets have room.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import heapq
 from collections import deque
+from collections.abc import Callable, Hashable
 from typing import Generic, Protocol, TypeVar
 
 __all__ = ["JobQueue"]
@@ -18,79 +25,116 @@ class _Queued(Protocol):
 J = TypeVar("J", bound=_Queued)
 
 
+def _one_lane(job: object) -> Hashable:
+    return None
+
+
 class JobQueue(Generic[J]):
-    """Orders jobs by ``(priority, sequence)``: lower priority number first, FIFO among equals.
+    """Jobs by lane, each lane ordered by ``(priority, sequence)``.
 
     ``put`` waits while ``maxsize`` jobs are queued (backpressure: a bulk run's memory does not grow with its
     input). ``requeue`` ignores the bound: a retried job must never wait behind the work it is ahead of, and it
     keeps its sequence, so it goes before newer work of its priority.
+
+    Args:
+        maxsize: jobs queued before ``put`` waits.
+        lane: the lane of a job (default: one lane for all).
     """
 
-    __slots__ = ("_getter", "_heap", "_putters", "maxsize")
+    __slots__ = ("_count", "_getter", "_lanes", "_putters", "lane", "maxsize", "on_arrival")
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, lane: Callable[[J], Hashable] = _one_lane) -> None:
         if maxsize < 1:
             raise ValueError("queue size must be at least 1")
         self.maxsize = maxsize
+        self.lane = lane
         # The sequence is unique, so jobs themselves are never compared.
-        self._heap: list[tuple[int, int, J]] = []
+        self._lanes: dict[Hashable, list[tuple[int, int, J]]] = {}
+        self._count = 0
         self._getter: asyncio.Future[None] | None = None
         self._putters: deque[asyncio.Future[None]] = deque()
+        #: called whenever a job arrives (the dispatcher wakes from a nap: the job may fit now)
+        self.on_arrival: Callable[[], None] | None = None
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return self._count
 
     async def put(self, job: J) -> None:
         """Queue a job, waiting while the queue is full."""
-        while len(self._heap) >= self.maxsize:
+        while self._count >= self.maxsize:
             waiter = asyncio.get_running_loop().create_future()
             self._putters.append(waiter)
             try:
                 await waiter
             except BaseException:
                 waiter.cancel()
-                if not waiter.cancelled() or len(self._heap) < self.maxsize:
+                if not waiter.cancelled() or self._count < self.maxsize:
                     self._wake_putter()  # pass the free slot on
                 raise
         self.requeue(job)
 
     def requeue(self, job: J) -> None:
         """Queue a job at once, whatever the bound."""
-        heapq.heappush(self._heap, (job.priority, job.sequence, job))
+        key = self.lane(job)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = []
+        heapq.heappush(lane, (job.priority, job.sequence, job))
+        self._count += 1
         getter = self._getter
         if getter is not None and not getter.done():
             getter.set_result(None)
+        if self.on_arrival is not None:
+            self.on_arrival()
+
+    def heads(self) -> list[tuple[int, int, Hashable]]:
+        """``(priority, sequence, lane)`` of each lane's next job, most urgent first."""
+        return sorted((lane[0][0], lane[0][1], key) for key, lane in self._lanes.items() if lane)
+
+    def pop_lane(self, key: Hashable) -> J:
+        """Take the next job of a lane (it must not be empty)."""
+        lane = self._lanes[key]
+        job = heapq.heappop(lane)[2]
+        if not lane:
+            del self._lanes[key]
+        self._taken()
+        return job
+
+    def pop(self) -> J:
+        """Take the most urgent job of any lane (the queue must not be empty)."""
+        return self.pop_lane(self.heads()[0][2])
 
     def remove(self, job: J) -> bool:
         """Take ``job`` out of the queue wherever it is (a job that expired or was abandoned while queued);
         False when it is not queued."""
-        for i, entry in enumerate(self._heap):
+        key = self.lane(job)
+        lane = self._lanes.get(key)
+        for i, entry in enumerate(lane or ()):
             if entry[2] is job:
-                self._heap[i] = self._heap[-1]
-                self._heap.pop()
-                heapq.heapify(self._heap)
-                self._wake_putter()
+                assert lane is not None
+                lane[i] = lane[-1]
+                lane.pop()
+                heapq.heapify(lane)
+                if not lane:
+                    del self._lanes[key]
+                self._taken()
                 return True
         return False
 
     def clear(self) -> list[J]:
         """Take every job out (a stop fails them all); returns them in order."""
-        jobs = [entry[2] for entry in sorted(self._heap, key=lambda entry: entry[:2])]
-        self._heap.clear()
+        jobs = [entry[2] for lane in self._lanes.values() for entry in lane]
+        jobs.sort(key=lambda job: (job.priority, job.sequence))
+        self._lanes.clear()
+        self._count = 0
         while self._putters:
             self._wake_putter()
         return jobs
 
-    def head(self) -> J | None:
-        """The next job, without taking it."""
-        return self._heap[0][2] if self._heap else None
-
-    def pop(self) -> J:
-        """Take the next job (the queue must not be empty)."""
-        job = heapq.heappop(self._heap)[2]
-        if len(self._heap) < self.maxsize:
+    def _taken(self) -> None:
+        self._count -= 1
+        if self._count < self.maxsize:
             self._wake_putter()
-        return job
 
     def _wake_putter(self) -> None:
         while self._putters:
@@ -101,7 +145,7 @@ class JobQueue(Generic[J]):
 
     async def wait_nonempty(self) -> None:
         """Wait until a job is queued (one waiter: the dispatcher)."""
-        while not self._heap:
+        while not self._count:
             self._getter = asyncio.get_running_loop().create_future()
             try:
                 await self._getter

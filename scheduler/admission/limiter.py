@@ -9,6 +9,7 @@ who shares them: :class:`~scheduler.admission.stores.MemoryStore` this process, 
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ class ScopeLimiter:
     """Admission for one scope: the model's policy applied through the store."""
 
     __slots__ = ("_clock", "_key", "_owner", "_probing", "_refused_since", "endpoint", "grace_s", "model",
-                 "model_name", "reserve_after_s", "store")
+                 "model_name", "pause_until", "reserve_after_s", "store")
 
     def __init__(self, model: ScopeModel, store: BucketStore, key: str, *, endpoint: str, model_name: str | None,
                  clock: Clock, owner: str) -> None:
@@ -47,6 +48,8 @@ class ScopeLimiter:
         self.model_name = model_name
         self._probing = False
         self._refused_since: float | None = None
+        #: no admission through this scope before then (a 429's retry-after)
+        self.pause_until = -math.inf
         #: a request refused this long claims the room it needs, which other owners' admissions leave free
         self.reserve_after_s = 1.0
         #: how long a claim outlives its owner's expected wait (renewed at every refused attempt)
