@@ -610,6 +610,24 @@ def _litellm_limiter(err: _Error) -> Refusal | None:
     return Refusal("window_spent", dimension)
 
 
+# LiteLLM 1.108.7's router, its minute spent (benchmarks/litellm/observed.md): "litellm.RateLimitError: No
+# deployments available for selected model. ... Deployments={'<id>': {'current_tpm': N, 'tpm_limit': N,
+# 'current_rpm': N, 'rpm_limit': N}}". It refuses when count + 1 reaches the RPM, so 599 of 600 is "spent".
+_ROUTER_COUNTS = re.compile(r"'current_(rpm|tpm)': (\d+), '\1_limit': (\d+)")
+
+
+def _litellm_router_spent(err: _Error) -> Refusal | None:
+    if "no deployments available" not in err.message:
+        return None
+    counts = {unit: (int(current), int(limit)) for unit, current, limit in _ROUTER_COUNTS.findall(err.message)}
+    if not counts:
+        return None  # the router's cool-down ("Try again in N seconds"): capacity, not our rate
+    rpm = counts.get("rpm", (0, 0))
+    dimension: Dimension | None = "requests" if rpm[1] and rpm[0] + 1 >= rpm[1] else "tokens" if (
+        counts.get("tpm", (0, 0))[1]) else None
+    return Refusal("window_spent", dimension)
+
+
 _V1_COUNTS = re.compile(r"current (rpm|tpm): (\d+), \1 limit: (\d+)")
 
 
@@ -669,6 +687,9 @@ def refusal_kind(status: int, headers: Mapping[str, str], body: Any, dialect: Di
         return Refusal("quota")
     if "slow_down" in err.codes:  # OpenAI: traffic ramped too fast (429, formerly 503): a sign to slow down
         return Refusal("rate_limit")
+    spent = _litellm_router_spent(err)
+    if spent is not None:
+        return spent
     if any(code in _CAPACITY_CODES for code in err.codes) or any(t in err.message for t in _CAPACITY_TEXT):
         return Refusal("capacity")
     if status != 429:
@@ -750,6 +771,11 @@ def retry_after_s(
         now_unix: wall-clock seconds now, for HTTP dates.
     """
     h = _lower(headers)
+    err = _error(body)
+    if _litellm_router_spent(err) is not None or _litellm_limiter(err) is not None:
+        # LiteLLM counts per calendar minute and says "60" whatever is left of it: the minute's turn, by our
+        # clock (its `date` lags by seconds), is the wait.
+        return 60.0 - now_unix % 60.0 + 0.5
     wait = _first((
         _ms(h.get("retry-after-ms")),
         _ms(h.get("x-ms-retry-after-ms")),
@@ -763,10 +789,9 @@ def retry_after_s(
         wait = _duration_s(h["x-rate-limit-reset-tokens"])
         if wait is not None:
             return wait
-    err = _error(body)
     wait = _body_hint_s(err.message)
     if wait is not None:
         return wait
-    if dialect == "litellm" or _litellm_limiter(err) is not None:
+    if dialect == "litellm":
         return _next_minute_s(h)
     return None

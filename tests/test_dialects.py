@@ -419,15 +419,24 @@ LITELLM_RPM_429 = {"error": {"message": "litellm.RateLimitError: Deployment over
 
 
 def test_a_litellm_window_spent_waits_for_the_next_calendar_minute() -> None:
-    headers = {"date": "Thu, 21 Aug 2025 12:41:17 GMT", "x-litellm-call-id": "c0ffee"}
-    assert retry_after_s(headers, LITELLM_RPM_429, "litellm", now_unix=NOW) == 43.0
+    # LiteLLM's `date` lags by seconds and its llm_provider-retry-after always says 60: the minute's turn by our
+    # own clock (12:41:17 here), half a second more, is the wait.
+    headers = {"date": "Thu, 21 Aug 2025 12:41:14 GMT", "x-litellm-call-id": "c0ffee", "llm_provider-retry-after": "60"}
+    at = 1755780077.0
+    assert retry_after_s(headers, LITELLM_RPM_429, "litellm", now_unix=at) == 43.5
     # Its own limiter's messages say the same even before the dialect is known.
-    assert retry_after_s(headers, LITELLM_RPM_429, None, now_unix=NOW) == 43.0
-    # Unknowable without a date: the caller uses its own minute estimate.
-    assert retry_after_s({"x-litellm-call-id": "c0ffee"}, LITELLM_RPM_429, "litellm", now_unix=NOW) is None
+    assert retry_after_s(headers, LITELLM_RPM_429, None, now_unix=at) == 43.5
+    assert retry_after_s(headers, LITELLM_ROUTER_429, None, now_unix=at) == 43.5
+    assert refusal_kind(429, headers, LITELLM_ROUTER_429, "litellm") == Refusal("window_spent", "requests")
 
 
 # -- refusals ------------------------------------------------------------------------------------------------------
+
+LITELLM_ROUTER_429 = {"error": {"message": (
+    "litellm.RateLimitError: No deployments available for selected model. Passed model=gpt-4o-mini. "
+    "Deployments={'5b0a': {'current_tpm': 17970, 'tpm_limit': 100000, 'current_rpm': 599, 'rpm_limit': 600}}\n\n"
+    "LiteLLM: model group 'gpt-4o-mini' failed with the error above. No fallback was attempted."),
+    "type": "throttling_error", "param": None, "code": "429"}}  # LiteLLM 1.108.7, benchmarks/litellm/observed.md
 
 OPENAI_TPM_429 = {"error": {"message": (
     "Rate limit reached for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Used 29000, "

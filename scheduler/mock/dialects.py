@@ -317,7 +317,7 @@ class AnthropicDialect(Dialect):
 
 # -- LiteLLM proxy ---------------------------------------------------------------------------------
 
-#: The header LiteLLM forwards a provider's retry-after in; its own router 429s carry no retry-after.
+#: The header LiteLLM's 429s carry (always "60", as observed of LiteLLM 1.108.7: benchmarks/litellm/observed.md).
 LITELLM_RETRY_HEADER = "llm_provider-retry-after"
 
 
@@ -336,7 +336,8 @@ class _LiteLLMScope:
             return Refusal("requests", 0, 0, 1, self.cooldown_until - now, False, "cooldown")
         worst: Refusal | None = None
         if self.requests is not None:
-            wait = self.requests.wait_s(1, now)
+            # LiteLLM refuses when the count + 1 reaches the RPM: 599 of 600 a minute pass (observed).
+            wait = self.requests.wait_s(min(2, self.requests.limit), now)
             if wait > 0:
                 worst = Refusal("requests", self.requests.limit, self.requests.used, 1, wait, False)
         if self.tokens is not None:
@@ -374,25 +375,38 @@ class LiteLLMDialect(Dialect):
         return _LiteLLMScope(rpm, tpm, self.cfg)
 
     def base_headers(self, now: float) -> dict[str, str]:
-        return {"x-litellm-call-id": str(uuid.uuid4()), "date": _http_date(now)}
+        return {"x-litellm-call-id": str(uuid.uuid4()), "x-litellm-version": "1.108.7", "date": _http_date(now)}
 
     def rate_limited(
         self, refusal: Refusal, job: Job, headers: dict[str, str], request: web.Request
     ) -> web.StreamResponse:
-        out = {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-")}
-        out[LITELLM_RETRY_HEADER] = str(max(1, math.ceil(refusal.retry_after_s)))
+        # As LiteLLM 1.108.7's router answers a spent window (benchmarks/litellm/observed.md): no retry-after and
+        # no x-ratelimit-*, llm_provider-retry-after always 60, one message for both limits whose numbers say
+        # which was hit, type "throttling_error", code the string "429".
+        out = {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-") and k != "x-litellm-version"}
+        out[LITELLM_RETRY_HEADER] = "60"
         if refusal.detail == "cooldown":
             message = (
                 f"No deployments available for selected model, Try again in {math.ceil(refusal.retry_after_s)} "
                 f"seconds. Passed model={job.model}. pre-call-checks=False, allowed_model_region=n/a"
             )
             return error_response(429, message, "None", "None", 429, out)
-        kind = "rpm" if refusal.kind == "requests" else "tpm"
+        requests, tokens = self._counts(refusal)
         message = (
-            f"litellm.RateLimitError: Deployment over defined {kind} limit={refusal.limit}. "
-            f"current usage={refusal.used}"
+            f"litellm.RateLimitError: No deployments available for selected model. Passed model={job.model}. "
+            f"Deployments={{'mock-deployment': {{'current_tpm': {tokens[0]}, 'tpm_limit': {tokens[1]}, "
+            f"'current_rpm': {requests[0]}, 'rpm_limit': {requests[1]}}}}}\n\nLiteLLM: model group "
+            f"'{job.model}' failed with the error above. No fallback was attempted."
         )
-        return error_response(429, message, None, None, 429, out)
+        return error_response(429, message, "throttling_error", None, "429", out)
+
+    @staticmethod
+    def _counts(refusal: Refusal) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(current, limit) of requests and of tokens, as the message shows them."""
+        hit = (refusal.used, refusal.limit)
+        if refusal.kind == "requests":
+            return hit, (0, 0)
+        return (0, 0), hit
 
 
 # -- no limits (vLLM, Ollama, llama.cpp) -----------------------------------------------------------
