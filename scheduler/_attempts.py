@@ -26,9 +26,10 @@ from ._settle import Settler
 from .admission import Mark
 from .cache import cache_key
 from .clock import Clock
+from .concurrency import AdaptiveConcurrency
 from .cost import PriceTable
 from .dialects import read_limits, refusal_kind
-from .endpoints import Route
+from .endpoints import EndpointState, Router
 from .fallbacks import Fallback
 from .logs import redact
 from .results import Result, Usage
@@ -46,19 +47,20 @@ class Attempts:
     """Runs attempts and acts on their outcomes.
 
     Args:
-        routes: route 0 serves a job's own model; route n its n-th fallback.
-        cache_scope: what scopes the response cache's keys (endpoint and key fingerprint).
+        router: the endpoints; each attempt tells its endpoint how it went (breaker, concurrency, retirement).
+        fallbacks: the models a job moves on to, in order (``job.route`` counts how far it went).
+        cache_scope: what scopes the response cache's keys (endpoints and key fingerprints).
     """
 
     def __init__(
-        self, *, dispatcher: Dispatcher, settler: Settler, routes: Sequence[Route], fallbacks: Sequence[Fallback],
+        self, *, dispatcher: Dispatcher, settler: Settler, router: Router, fallbacks: Sequence[Fallback],
         counters: Counters, clock: Clock, rng: random.Random, backoff: Backoff, prices: PriceTable,
         cache: ResponseCache | None, flights: Flights, cache_scope: str, max_attempts: int,
         max_rate_limited_s: float, request_timeout_s: float,
     ) -> None:
         self.dispatcher = dispatcher
         self.settler = settler
-        self.routes = routes
+        self.router = router
         self.fallbacks = fallbacks
         self.counters = counters
         self.clock = clock
@@ -96,9 +98,8 @@ class Attempts:
             self.dispatcher.spawn(self._cancelled(job))
 
     async def _run(self, job: Job) -> None:
-        route = self.routes[job.route]
-        scope = job.scope
-        assert scope is not None
+        scope, state = job.scope, job.endpoint_state
+        assert scope is not None and state is not None
         try:
             sent_at = self.clock.now()
             mark = scope.on_wire(job.costs)
@@ -107,14 +108,15 @@ class Attempts:
             failure: TransportFailure | None = None
             try:
                 if job.stream_to is not None:
-                    response = await relay(job, route.transport, self._timeout(job))
+                    response = await relay(job, state.transport, self._timeout(job))
                 else:
-                    response = await route.transport.send(job.endpoint, job.body, timeout=self._timeout(job))
+                    response = await state.transport.send(job.endpoint, job.body, timeout=self._timeout(job))
             except TransportFailure as exc:
                 failure = exc
             finally:
                 self.dispatcher.free_worker(job)
-            await self._observe(job, route, response, sent_at, mark)
+            await self._observe(job, state, response, sent_at, mark)
+            self._tell_endpoint(job, state, response, failure, self.clock.now() - sent_at)
             await self._conclude(job, response, failure)
         except asyncio.CancelledError:
             self.dispatcher.free_worker(job)
@@ -128,14 +130,22 @@ class Attempts:
             return self.request_timeout_s
         return max(0.001, min(self.request_timeout_s, job.deadline - self.clock.now()))
 
-    async def _observe(self, job: Job, route: Route, response: Response | None, sent_at: float, mark: Mark
-                       ) -> None:
+    async def _observe(self, job: Job, state: EndpointState, response: Response | None, sent_at: float,
+                       mark: Mark) -> None:
         """Tell the scope what the answer's headers say. A 429 was not charged by the server: ``refused``
         handles it, and its headers must not count as if it had been."""
         assert job.scope is not None
         report = None
         if response is not None:
-            dialect = route.dialect.observe(response.status, response.headers)
+            dialect = state.dialect.observe(response.status, response.headers)
+            if dialect == "none" and state.concurrency is None and job.scope.snapshot() is None:
+                # A server that states no limits (vLLM, Ollama): concurrency is its limit, found by probing.
+                log.info("concurrency_adaptive", endpoint=state.label, detail="no rate-limit headers: in-flight "
+                         "requests are adapted to the server's latency instead")
+                state.concurrency = AdaptiveConcurrency(initial=max(1, state.in_flight + 1),
+                                                        max_limit=self.dispatcher.workers)
+            if state.concurrency is not None:
+                job.scope.unlimit()
             if response.status != 429:
                 # The one wall-clock read: some providers state reset times as wall-clock times.
                 report = read_limits(response.headers, dialect, now_unix=time.time())
@@ -143,6 +153,31 @@ class Attempts:
             await job.scope.observe(report, sent_at, mark)
         except errors.RunStopped as exc:
             self.dispatcher.stop(exc)
+
+    def _tell_endpoint(self, job: Job, state: EndpointState, response: Response | None,
+                       failure: TransportFailure | None, latency_s: float) -> None:
+        """The endpoint's breaker and concurrency learn how the attempt went."""
+        now = self.clock.now()
+        status = response.status if response is not None else None
+        healthy = status is not None and (status < 500 or status == 501) and status not in (408, 429)
+        if healthy:
+            state.breaker.success()
+        elif status != 429:
+            # 5xx, timeouts, dropped connections: the endpoint is in trouble; a retry prefers another one.
+            state.failures += 1
+            state.breaker.failure(now, state.label)
+            job.avoid = state
+        concurrency = state.concurrency
+        if concurrency is None:
+            return
+        if status is not None and 200 <= status < 300:
+            concurrency.on_success(latency_s, now, in_flight=state.in_flight + 1)
+        elif status == 429:
+            concurrency.on_failure("rate_limited", now)
+        elif status in (503, 529):
+            concurrency.on_failure("overloaded", now)
+        elif failure is not None:
+            concurrency.on_failure("timeout" if failure.kind == "timeout" else "connection", now)
 
     async def _tell(self, call: Awaitable[None]) -> None:
         """Await a call on the limiter; a shared limit gone for good stops the run instead of failing the job."""
@@ -187,19 +222,36 @@ class Attempts:
         elif outcome is Outcome.QUOTA:
             await self._tell(job.scope.refused(job.costs, None))
             message = f"the API reports the quota exhausted ({error_code(response.body)}): check plan and billing"
-            self.dispatcher.stop(errors.QuotaExhausted(message))
-            await settler.fail(job, errors.QuotaExhausted, message, response)
+            await self._retire(job, errors.QuotaExhausted(message), response)
         else:
             message = f"the API refused the key (HTTP {response.status}): check OPENAI_API_KEY and its permissions"
-            self.dispatcher.stop(errors.AuthenticationFailed(message))
-            await settler.fail(job, errors.AuthenticationFailed, message, response)
+            await self._retire(job, errors.AuthenticationFailed(message), response)
+
+    async def _retire(self, job: Job, error: errors.RunStopped, response: Response) -> None:
+        """An endpoint's key was refused or its quota is spent: it leaves the run. The job goes to another
+        endpoint serving its model; only when none is left do its model's jobs stop, and the run when no
+        endpoint is left at all."""
+        state = job.endpoint_state
+        assert state is not None
+        router = self.router
+        if len(router.endpoints) > 1:
+            error = type(error)(f"{state.label}: {error}")
+        router.retire(state, error)
+        if router.exhausted is not None:
+            self.dispatcher.stop(error)
+        if router.unserved(job.model) is None:
+            job.failures = 0
+            self.dispatcher.requeue(job)
+        else:
+            await self.settler.fail(job, type(error), str(error), response)
 
     async def _refused(self, job: Job, response: Response) -> None:
         """A 429 says "not now", not "this request is bad": retry without using an attempt, for as long as
         ``max_rate_limited_s`` (or the deadline) allows. A rate limit pauses all dispatch and empties the bucket
         it names; a shortage of capacity (flex, an overloaded provider) only backs this job off."""
         assert job.scope is not None
-        dialect = self.routes[job.route].dialect.dialect
+        assert job.endpoint_state is not None
+        dialect = job.endpoint_state.dialect.dialect
         refusal = refusal_kind(response.status, response.headers, response.body, dialect)
         if refusal.kind == "too_large":
             await self.settler.fail(job, errors.RequestTooLarge, _describe(response), response)

@@ -21,6 +21,7 @@ from .statistics import Counters, RateMeter
 
 if TYPE_CHECKING:
     from .admission import ScopeLimiter
+    from .endpoints import Router
 
 __all__ = ["Dispatcher"]
 
@@ -32,23 +33,23 @@ class Dispatcher:
     error, and fails a job wherever it waits when its deadline passes.
 
     Args:
-        scope_of: the limit scope a job is admitted through (its endpoint and model).
+        router: picks the endpoint (and so the limit scope) a job is admitted through.
         launch: starts an admitted job's attempt (it holds one of the ``workers`` until ``free_worker``).
         max_pause_s: the longest a 429 pauses all dispatch.
     """
 
     def __init__(
         self, *, queue: JobQueue[Job], workers: int, clock: Clock, settler: Settler, budget: Budget | None,
-        counters: Counters, meter: RateMeter, scope_of: Callable[[Job], ScopeLimiter],
-        launch: Callable[[Job], None], max_pause_s: float,
+        counters: Counters, meter: RateMeter, router: Router, launch: Callable[[Job], None], max_pause_s: float,
     ) -> None:
         self.queue = queue
+        self.workers = workers
         self.clock = clock
         self.settler = settler
         self.budget = budget
         self.counters = counters
         self.meter = meter
-        self.scope_of = scope_of
+        self.router = router
         self.launch = launch
         self.max_pause_s = max_pause_s
         self.slots = asyncio.Semaphore(workers)
@@ -122,11 +123,12 @@ class Dispatcher:
             await settler.fail(job, type(self.stopped), str(self.stopped))
             return False
         now = self.clock.now()
-        scope = self.scope_of(job)
-        if scope.pause_until > now:
-            self._block(job, scope.pause_until)
+        router = self.router
+        if (unserved := router.unserved(job.model)) is not None:
+            # Every endpoint serving its model was retired (a refused key, a spent quota): it cannot run now.
+            await settler.fail(job, type(unserved), str(unserved))
             return False
-        if (tpm := scope.too_large(job.estimate)) is not None:
+        if (tpm := router.too_large(job)) is not None:
             await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
             return False
         worst = 0.0
@@ -141,17 +143,18 @@ class Dispatcher:
                     self.stop(errors.BudgetExhausted(self.budget.exhausted(worst)))
                     await settler.fail(job, type(self.stopped), str(self.stopped))  # type: ignore[arg-type]
                 return False
-        job.scope = scope
-        job.costs = scope.costs(job.estimate, job.output)
         try:
-            wait = await scope.acquire(job.costs, job.priority)
+            state, wait = await router.admit(job, now)
         except errors.RunStopped as exc:
             self.stop(exc)
             await settler.fail(job, type(exc), str(exc))
             return False
-        if wait > 0.0:
+        if state is None:
             self._block(job, now + wait)
             return False
+        state.served += 1
+        state.in_flight += 1
+        state.breaker.sent(now)
         job.attempts += 1
         charged = int(job.costs["tokens"])
         self.counters.charged_tokens += charged
@@ -242,6 +245,8 @@ class Dispatcher:
         if job.state is State.RUNNING:
             job.state = State.CONCLUDING
             self.counters.in_flight -= 1
+            if job.endpoint_state is not None:
+                job.endpoint_state.in_flight -= 1
             self.slots.release()
 
     def expire(self, job: Job) -> None:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ._map import MapCollector
     from .admission import ScopeLimiter
     from .clock import Timer
+    from .endpoints import EndpointState
     from .results import Result
     from .transport import Response
 
@@ -41,6 +42,7 @@ class Job:
     __slots__ = (
         "abandoned",
         "attempts",
+        "avoid",
         "body",
         "cache_key",
         "costs",
@@ -49,6 +51,7 @@ class Job:
         "deadline_timer",
         "deliver",
         "endpoint",
+        "endpoint_state",
         "estimate",
         "failures",
         "followers",
@@ -85,8 +88,11 @@ class Job:
         self.output = output
         #: what the current attempt was charged in each limit dimension (the estimate, calibrated)
         self.costs: dict[str, float] = {}
-        #: the limit scope it was admitted through (its endpoint and model)
+        #: the limit scope it was admitted through (its endpoint and model), and that endpoint
         self.scope: ScopeLimiter | None = None
+        self.endpoint_state: EndpointState | None = None
+        #: the endpoint that failed its last attempt: a retry prefers another
+        self.avoid: EndpointState | None = None
         self.submitted_at = submitted_at
         self.deadline = deadline
         self.state = State.QUEUED

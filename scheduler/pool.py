@@ -35,11 +35,11 @@ from ._flights import Flights, ResponseCache
 from ._job import Job, State
 from ._map import MapCollector
 from ._settle import Settler
-from .admission import Limiter, ScopeLimiter
+from .admission import Limiter
 from .cache import CacheBackend, MemoryCache, cache_key, is_deterministic, open_cache
 from .clock import Clock, LoopClock
 from .cost import ModelPrice, PriceTable
-from .endpoints import Route, endpoint_key
+from .endpoints import Endpoint, EndpointState, Router
 from .fallbacks import Fallback
 from .limits import Limits
 from .logs import redact, register_secret, traceback_text
@@ -100,6 +100,9 @@ class Pool:
             for an in-memory LRU, or a path (SQLite) or ``redis://`` URL that the pool opens and closes.
         fallbacks: models (or :class:`Fallback` s with their own client and limits) tried in order when a job's
             model is unavailable (404) or its retries run out.
+        endpoints: several keys, deployments or servers as one pool (:class:`~scheduler.Endpoint`: a client,
+            its limits, the models it serves, a weight); each job goes to the endpoint that can admit it
+            soonest. Instead of ``client``; ``limits`` and ``model_limits`` serve endpoints that give none.
         max_pause_s: the longest a 429's ``retry-after`` pauses all dispatch (a longer ask is capped, with a
             warning).
         max_rate_limited_s: how long a job may keep meeting 429s before it fails (RetriesExhausted).
@@ -128,6 +131,7 @@ class Pool:
         budget_usd: float | None = None,
         cache: CacheBackend | str | os.PathLike[str] | bool | None = None,
         fallbacks: Sequence[str | Fallback] = (),
+        endpoints: Sequence[Endpoint] = (),
         max_pause_s: float = 60.0,
         max_rate_limited_s: float = 600.0,
         limiter: Limiter | None = None,
@@ -146,13 +150,18 @@ class Pool:
             raise errors.ConfigurationError(f"budget_usd must be a number of dollars >= 0, got {budget_usd!r}")
         if not max_pause_s > 0 or not max_rate_limited_s > 0:
             raise errors.ConfigurationError("max_pause_s and max_rate_limited_s must be positive")
-        if transport is None:
-            if client is None:
-                from openai import AsyncOpenAI
+        if endpoints and (client is not None or transport is not None):
+            raise errors.ConfigurationError("give either client= (one endpoint) or endpoints=, not both")
+        if not endpoints:
+            if transport is None:
+                if client is None:
+                    from openai import AsyncOpenAI
 
-                client = AsyncOpenAI()
-            transport = OpenAITransport(client)
-        register_secret(getattr(client, "api_key", None))
+                    client = AsyncOpenAI()
+                transport = OpenAITransport(client)
+            endpoints = [Endpoint(client=client, transport=transport)]
+        for endpoint in endpoints:
+            register_secret(getattr(endpoint.client, "api_key", None))
         self.model = model
         self.workers = workers
         self.sink = sink
@@ -169,9 +178,28 @@ class Pool:
                     raise errors.ConfigurationError(f"a budget needs a price for every model: none for {name!r}")
         model_limits = dict(model_limits or {})
         for fallback in chain:
-            if fallback.limits is not None:
+            if fallback.limits is not None and fallback.client is None:
                 model_limits.setdefault(fallback.model, fallback.limits)
         self._limiter = limiter or Limiter(limits, model_limits=model_limits, clock=self._clock)
+        # A fallback on a client (or transport) of its own is served there, not by the pool's endpoints.
+        elsewhere = frozenset(f.model for f in chain if f.client is not None or f.transport is not None)
+        states = [EndpointState(e, e.transport or _transport(e), limits=self._limiter.limits,
+                                model_limits=self._limiter.model_limits, workers=workers, excluded=elsewhere)
+                  for e in endpoints]
+        for fallback in chain:
+            if fallback.client is not None:
+                # A fallback on a client of its own is an endpoint serving that model only.
+                register_secret(getattr(fallback.client, "api_key", None))
+                own = Endpoint(client=fallback.client, limits=fallback.limits, models=[fallback.model],
+                               transport=fallback.transport)
+                states.append(EndpointState(own, fallback.transport or OpenAITransport(fallback.client),
+                                            limits=fallback.limits, model_limits={}, workers=workers))
+            elif fallback.transport is not None:
+                states.append(EndpointState(Endpoint(transport=fallback.transport, models=[fallback.model],
+                                                     limits=fallback.limits),
+                                            fallback.transport, limits=fallback.limits, model_limits={},
+                                            workers=workers))
+        self._router = Router(states, self._limiter)
         self._redis_url = redis if limiter is None else None
         self._owned_cache: CacheBackend | None = None
         cache_backend: CacheBackend | None = None
@@ -182,18 +210,10 @@ class Pool:
         elif cache is not None and cache is not False:
             cache_backend = cache
         self._cache = ResponseCache(cache_backend) if cache_backend is not None else None
-        # Answers differ between providers and organisations serving the same model name: the base URL and a
-        # fingerprint of the key scope every cache key.
-        self._cache_scope = endpoint_key(client)
+        # Answers differ between providers and organisations serving the same model name: the endpoints' base
+        # URLs and key fingerprints scope every cache key.
+        self._cache_scope = "+".join(sorted(state.key for state in states))
         self._flights = Flights()
-        self._routes = [Route(transport, endpoint_key(client))]
-        for fallback in chain:
-            if fallback.client is not None:
-                register_secret(getattr(fallback.client, "api_key", None))
-                self._routes.append(Route(fallback.transport or OpenAITransport(fallback.client),
-                                          endpoint_key(fallback.client)))
-            else:
-                self._routes.append(Route(fallback.transport or transport, self._routes[0].endpoint))
         # One lane per limit scope (a route and a model): a model waiting for its limit holds back no other.
         self._queue: JobQueue[Job] = JobQueue(queue_size, lane=_lane)
         self._sequence = itertools.count()
@@ -203,11 +223,11 @@ class Pool:
                                 budget=self._budget, requeue=self._queue.requeue, budget_freed=self._budget_freed)
         self._dispatcher = Dispatcher(
             queue=self._queue, workers=workers, clock=self._clock, settler=self._settler, budget=self._budget,
-            counters=self._counters, meter=self._meter, scope_of=self._scope_of, launch=self._launch,
+            counters=self._counters, meter=self._meter, router=self._router, launch=self._launch,
             max_pause_s=max_pause_s,
         )
         self._attempts = Attempts(
-            dispatcher=self._dispatcher, settler=self._settler, routes=self._routes, fallbacks=chain,
+            dispatcher=self._dispatcher, settler=self._settler, router=self._router, fallbacks=chain,
             counters=self._counters, clock=self._clock, rng=rng or random.Random(), backoff=backoff or Backoff(),
             prices=self.prices, cache=self._cache, flights=self._flights, cache_scope=self._cache_scope,
             max_attempts=max_attempts, max_rate_limited_s=max_rate_limited_s, request_timeout_s=request_timeout_s,
@@ -229,6 +249,7 @@ class Pool:
             store = await RedisStore.connect(self._redis_url)
             self._limiter = Limiter(self._limiter.limits, model_limits=self._limiter.model_limits, store=store,
                                     clock=self._clock)
+            self._router.limiter = self._limiter
         self._running = True
         self._loop_task = asyncio.get_running_loop().create_task(self._dispatcher.run())
         self._loop_task.add_done_callback(self._dispatcher_done)
@@ -429,7 +450,7 @@ class Pool:
         """The pool's counters and current rates."""
         c, budget = self._counters, self._budget
         rpm, tpm = self._meter.per_minute(self._clock.now())
-        primary = self._scope_of_model(self.model) if self.model is not None else None
+        primary = self._router.scope(self._router.endpoints[0], self.model) if self.model is not None else None
         scopes = self._limiter.scopes()
         lead = primary or (scopes[0] if scopes else None)
         stopped = self._dispatcher.stopped
@@ -494,7 +515,7 @@ class Pool:
             stopped = self._dispatcher.stopped
             if stopped is not None:
                 await settler.fail(job, type(stopped), str(stopped))
-            elif (tpm := self._scope_of(job).too_large(job.estimate)) is not None:
+            elif (tpm := self._router.too_large(job)) is not None:
                 await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
             elif self._budget is not None and not self._budget.priced(job.model):
                 # Not a stop: this job cannot be accounted for; a rerun with its price (prices=) runs it.
@@ -527,11 +548,6 @@ class Pool:
         await self._settler.finish(job, result, saved_usd=entry.cost_usd)
         return True
 
-    def _scope_of(self, job: Job) -> ScopeLimiter:
-        return self._limiter.scope(self._routes[job.route].endpoint, job.model)
-
-    def _scope_of_model(self, model: str) -> ScopeLimiter:
-        return self._limiter.scope(self._routes[0].endpoint, model)
 
     def _launch(self, job: Job) -> None:
         self._attempts.launch(job)
@@ -542,3 +558,8 @@ class Pool:
 
 def _lane(job: Job) -> tuple[int, str | None]:
     return job.route, job.model
+
+
+def _transport(endpoint: Endpoint) -> Transport:
+    assert endpoint.client is not None  # an Endpoint has a client or a transport
+    return OpenAITransport(endpoint.client)

@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Limiter", "ScopeLimiter"]
 
+class _Default:
+    """The limiter's own limits for a scope (the endpoint gave none of its own)."""
+
+
+DEFAULT = _Default()
+
 # While the limits are unknown, one probe at a time: the wait before asking again.
 _PROBE_POLL_S = 0.05
 
@@ -132,6 +138,12 @@ class ScopeLimiter:
             self.model.calibration.refused()
         await self.store.give_back(self._key, params, costs, True, empty, shrink, min_burst)
 
+    def unlimit(self) -> None:
+        """The endpoint states no limits at all (vLLM, Ollama): stop probing; its concurrency paces it."""
+        if self.model.limits is None:
+            self.model.limits = Limits()
+            self._probing = False
+
     async def levels(self) -> Mapping[str, float]:
         """The buckets' levels now (statistics, tests)."""
         params = self.model.params()
@@ -160,14 +172,17 @@ class Limiter:
         self._scopes: dict[tuple[str, str | None], ScopeLimiter] = {}
         #: this process's id in claims
         self.owner = uuid.uuid4().hex
-        if self.store.shared and limits is None:
-            raise ConfigurationError("shared limits need explicit limits (Limits(rpm=..., tpm=...))")
 
-    def scope(self, endpoint: str, model: str | None) -> ScopeLimiter:
-        """The scope of ``model`` on ``endpoint`` (its base URL and key fingerprint)."""
+    def scope(self, endpoint: str, model: str | None, limits: Limits | _Default | None = DEFAULT) -> ScopeLimiter:
+        """The scope of ``model`` on ``endpoint`` (its base URL and key fingerprint); ``limits`` are the
+        endpoint's for that model (default: this limiter's, by model). Made on first use, kept after."""
         found = self._scopes.get((endpoint, model))
         if found is None:
-            limits = self.model_limits.get(model, self.limits) if model is not None else self.limits
+            if isinstance(limits, _Default):
+                limits = self.model_limits.get(model, self.limits) if model is not None else self.limits
+            if limits is None and self.store.shared:
+                raise ConfigurationError(f"a shared limit needs explicit limits (Limits(rpm=..., tpm=...)) for "
+                                         f"{model or 'every model'}")
             key = hashlib.sha256(f"{endpoint}|{model or ''}".encode()).hexdigest()[:24]
             found = ScopeLimiter(ScopeModel(limits, keep=self.store.keep), self.store, key, endpoint=endpoint,
                                  model_name=model, clock=self._clock, owner=self.owner)
