@@ -7,6 +7,7 @@ from .batch_api import BatchLimits as BatchLimits
 from .batch_api import BatchRun as BatchRun
 from .batch_api import cancel_batches as cancel_batches
 from .batch_api import run_batch as run_batch
+from .endpoints import Endpoint as Endpoint
 from .errors import AuthenticationFailed as AuthenticationFailed
 from .errors import BatchFailed as BatchFailed
 from .errors import BudgetExhausted as BudgetExhausted
@@ -53,6 +54,7 @@ __all__ = [
     "CallbackSink",
     "ConfigurationError",
     "DeadlineExceeded",
+    "Endpoint",
     "ErrorInfo",
     "Fallback",
     "InternalError",

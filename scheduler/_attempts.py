@@ -351,6 +351,7 @@ class Attempts:
             custom_id=job.custom_id, endpoint=job.endpoint, status=response.status, body=response.body,
             request_id=response.request_id, usage=usage, attempts=job.attempts,
             latency_s=self.clock.now() - job.submitted_at, model=job.model, cost_usd=cost,
+            served_by=job.endpoint_state.label if job.endpoint_state is not None else None,
         )
         if job.cache_key is not None and self.cache is not None:
             await self.cache.store(job.cache_key, result)

@@ -85,6 +85,7 @@ class Settler:
             request_id=response.request_id if response is not None else None,
             attempts=job.attempts, latency_s=self.clock.now() - job.submitted_at,
             error=ErrorInfo(kind.code, message), model=job.model,
+            served_by=job.endpoint_state.label if job.endpoint_state is not None and response is not None else None,
         )
         log.warning("job_failed", custom_id=job.custom_id, code=kind.code, attempt=job.attempts,
                     status=result.status, message=message)

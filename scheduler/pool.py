@@ -48,7 +48,7 @@ from .requests import Request, build_body
 from .results import Result, Usage
 from .retry import Backoff
 from .sinks import Sink
-from .statistics import Counters, PoolStatistics, RateMeter, ScopeStatistics
+from .statistics import Counters, EndpointStatistics, PoolStatistics, RateMeter, ScopeStatistics
 from .streaming import PoolStream, stream_channel
 from .tokens import TokenEstimator, output_reservation
 from .transport import OpenAITransport, Transport
@@ -468,6 +468,11 @@ class Pool:
             internal_errors=c.internal_errors,
             scopes=tuple(ScopeStatistics(s.endpoint.split("|")[0], s.model_name, s.snapshot(), s.ratio)
                          for s in scopes),
+            endpoints=tuple(
+                EndpointStatistics(e.label, e.served, e.failures, e.in_flight, e.breaker.state,
+                                   str(e.retired) if e.retired is not None else None, e.dialect.dialect,
+                                   e.concurrency.limit if e.concurrency is not None else None)
+                for e in self._router.endpoints),
         )
 
     def stop(self, reason: str = "stopped by the caller") -> None:

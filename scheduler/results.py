@@ -81,6 +81,8 @@ class Result:
     tier: str | None = None
     #: the Batch API batch whose output held this result (tier "batch")
     batch_id: str | None = None
+    #: the endpoint that answered (its name, or host and a short key fingerprint; never the key)
+    served_by: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -47,6 +47,8 @@ def batch_line(result: Result) -> dict[str, Any]:
         extra["tier"] = result.tier
     if result.batch_id is not None:
         extra["batch_id"] = result.batch_id
+    if result.served_by is not None:
+        extra["endpoint"] = result.served_by
     return {
         "id": f"batch_req_{digest}",
         "custom_id": result.custom_id,

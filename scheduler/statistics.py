@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .limits import Limits
 
-__all__ = ["Counters", "PoolStatistics", "RateMeter", "ScopeStatistics"]
+__all__ = ["Counters", "EndpointStatistics", "PoolStatistics", "RateMeter", "ScopeStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,27 @@ class ScopeStatistics:
     limits: Limits | None
     #: server tokens per token of our estimate, as learned from the headers
     token_ratio: float
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatistics:
+    """One endpoint of the pool."""
+
+    #: its name (host and a short key fingerprint unless named)
+    name: str
+    #: attempts sent to it
+    requests: int
+    #: 5xx, timeouts and dropped connections
+    failures: int
+    in_flight: int
+    #: its circuit breaker: "closed", "open" or "half-open"
+    circuit: str
+    #: why it left the run (a refused key, a spent quota), or None
+    retired: str | None
+    #: its rate-limit dialect, as recognised (None: not yet)
+    dialect: str | None
+    #: requests it may have in flight, where no limits are stated and concurrency adapts (else None)
+    concurrency: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +95,8 @@ class PoolStatistics:
     internal_errors: int = 0
     #: every limit scope used so far (an endpoint's model with its own buckets)
     scopes: tuple[ScopeStatistics, ...] = ()
+    #: every endpoint of the pool
+    endpoints: tuple[EndpointStatistics, ...] = ()
 
 
 class Counters:
