@@ -323,7 +323,7 @@ class Attempts:
         log.warning("job_fallback", custom_id=job.custom_id, model=fallback.model, failed_model=job.model,
                     reason=redact(reason))
         job.route += 1
-        job.body = {**job.body, "model": fallback.model}
+        job.set_body({**job.body, "model": fallback.model})
         if job.cache_key is not None:
             # Its answer is the fallback's: stored under the fallback's request, never under the primary's.
             self.flights.leave(job, cache_key(self.cache_scope, job.endpoint, job.body))

@@ -128,9 +128,6 @@ class Dispatcher:
             # Every endpoint serving its model was retired (a refused key, a spent quota): it cannot run now.
             await settler.fail(job, type(unserved), str(unserved))
             return False
-        if (tpm := router.too_large(job)) is not None:
-            await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
-            return False
         worst = 0.0
         if self.budget is not None:
             worst = self.budget.worst_case(job.endpoint, job.body, job.estimate)
@@ -150,6 +147,10 @@ class Dispatcher:
             await settler.fail(job, type(exc), str(exc))
             return False
         if state is None:
+            if wait == math.inf and (tpm := router.too_large(job)) is not None:
+                # Larger than the whole token limit of every endpoint serving it (learned since it was queued).
+                await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
+                return False
             self._block(job, now + wait)
             return False
         state.served += 1

@@ -59,6 +59,7 @@ class Job:
         "last_problem",
         "last_response",
         "limited_since",
+        "model",
         "output",
         "priority",
         "reserved",
@@ -79,6 +80,9 @@ class Job:
     ) -> None:
         self.endpoint = endpoint
         self.body = body
+        model = body.get("model")
+        #: the model the body names
+        self.model: str | None = model if isinstance(model, str) else None
         self.custom_id = custom_id
         self.priority = priority
         self.sequence = sequence
@@ -128,10 +132,11 @@ class Job:
         #: identical jobs waiting for this one's answer (single flight)
         self.followers: list[Job] | None = None
 
-    @property
-    def model(self) -> str | None:
-        model = self.body.get("model")
-        return model if isinstance(model, str) else None
+    def set_body(self, body: Mapping[str, Any]) -> None:
+        """Change what the job asks (a fallback's model)."""
+        self.body = body
+        model = body.get("model")
+        self.model = model if isinstance(model, str) else None
 
     def __repr__(self) -> str:
         return f"<Job {self.custom_id!r} {self.state.value} attempts={self.attempts}>"

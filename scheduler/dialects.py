@@ -265,6 +265,8 @@ class DialectTracker:
 
     def observe(self, status: int, headers: Mapping[str, str]) -> Dialect | None:
         """Take in one answer; return the dialect in force after it."""
+        if self.forced is not None or (self.learned is not None and (self.learned != "none" or not headers)):
+            return self.dialect  # a sign, once seen, stays: no need to look again on every answer
         sign = detect_dialect(headers)
         if sign is not None:
             self.learned = sign

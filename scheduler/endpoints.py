@@ -176,11 +176,12 @@ class EndpointState:
 class Router:
     """Sends each job to the endpoint that can admit it soonest among those serving its model."""
 
-    __slots__ = ("endpoints", "limiter")
+    __slots__ = ("_retirements", "endpoints", "limiter")
 
     def __init__(self, endpoints: Sequence[EndpointState], limiter: Limiter) -> None:
         self.endpoints = list(endpoints)
         self.limiter = limiter
+        self._retirements = 0
 
     def scope(self, state: EndpointState, model: str | None) -> ScopeLimiter:
         """The limit scope of ``model`` on ``state``."""
@@ -191,7 +192,8 @@ class Router:
         the job last goes last (a retry prefers another endpoint)."""
         model = job.model
         found = [state for state in self.endpoints if state.serves(model)]
-        found.sort(key=lambda state: (state is job.avoid, state.served / state.weight))
+        if len(found) > 1:
+            found.sort(key=lambda state: (state is job.avoid, state.served / state.weight))
         return found
 
     async def admit(self, job: Job, now: float) -> tuple[EndpointState | None, float]:
@@ -221,20 +223,27 @@ class Router:
 
     def too_large(self, job: Job) -> int | None:
         """The smallest token limit the job exceeds when it exceeds every serving endpoint's (else None)."""
-        limits = [self.scope(state, job.model).too_large(job.estimate) for state in self.candidates(job)]
-        if limits and all(limit is not None for limit in limits):
-            return min(limit for limit in limits if limit is not None)
-        return None
+        smallest: int | None = None
+        for state in self.endpoints:
+            if state.serves(job.model):
+                limit = self.scope(state, job.model).too_large(job.estimate)
+                if limit is None:
+                    return None  # one endpoint can take it
+                smallest = limit if smallest is None else min(smallest, limit)
+        return smallest
 
     def retire(self, state: EndpointState, error: RunStopped) -> None:
         """Take ``state`` out of the run (its key was refused, its quota is spent)."""
         if state.retired is None:
             state.retired = error
+            self._retirements += 1
             log.warning("endpoint_retired", endpoint=state.label, reason=str(error), code=error.code)
 
     def unserved(self, model: str | None) -> JobError | None:
         """Why no endpoint serves ``model`` (None: one does): the last retirement among those that did (a stop:
         a later run may do its jobs), or no endpoint ever serving it (the request is refused)."""
+        if not self._retirements and len(self.endpoints) == 1 and self.endpoints[0].serves(model):
+            return None  # the common case, on every job's path
         if any(state.serves(model) for state in self.endpoints):
             return None
         retired = [state.retired for state in self.endpoints

@@ -334,11 +334,19 @@ class Pool:
             PoolClosed: the pool is not running.
             ConfigurationError: the request cannot be built.
         """
+        self._check_running()
+        if self._queue.full:
+            # Wait for room before making the job: thousands of submitters may wait at once, and each then holds
+            # only its arguments (the collector has less to scan; the full queue is the backpressure).
+            await self._queue.wait_for_room()
         endpoint, full_body = build_body(request, endpoint, body, self.model)
-        job = await self._new_job(endpoint, full_body, custom_id, priority, timeout_s, cache)
+        # Made and queued without awaiting in the common case: submit() is the hot path of services.
+        job = (self._job_now(endpoint, full_body, custom_id, priority, timeout_s, cache)
+               or await self._new_job(endpoint, full_body, custom_id, priority, timeout_s, cache))
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         job.future = future
-        await self._enqueue(job)
+        if not self._enqueue_now(job):
+            await self._enqueue(job)
         try:
             # Not shielded: cancelling the caller abandons the job (a request in flight is cancelled too).
             result = await future
@@ -489,26 +497,66 @@ class Pool:
         self, endpoint: str, body: dict[str, Any], custom_id: str | None, priority: int, timeout_s: float | None,
         cacheable: bool | None = None,
     ) -> Job:
+        job = self._job_now(endpoint, body, custom_id, priority, timeout_s, cacheable)
+        if job is not None:
+            return job
+        # A long prompt: tokenized in a thread, off the event loop.
+        body = self._capped(endpoint, body)
+        estimate = await anyio.to_thread.run_sync(self.estimator.estimate, endpoint, body)
+        return self._job(endpoint, body, estimate, custom_id, priority, timeout_s, cacheable)
+
+    def _job_now(
+        self, endpoint: str, body: dict[str, Any], custom_id: str | None, priority: int, timeout_s: float | None,
+        cacheable: bool | None = None,
+    ) -> Job | None:
+        """The job, made at once (None: its prompt is long enough to be tokenized in a thread)."""
         self._check_running()
-        estimator = self.estimator
-        if self._budget is not None:
-            # The reservation charged becomes the request's cap: the worst case held is the worst case possible.
-            body = dict(cap_output(endpoint, body, estimator.default_output_tokens))
-        if estimator.prompt_chars(endpoint, body) > _THREAD_ESTIMATE_CHARS:
-            estimate = await anyio.to_thread.run_sync(estimator.estimate, endpoint, body)
-        else:
-            estimate = estimator.estimate(endpoint, body)
+        body = self._capped(endpoint, body)
+        if self.estimator.prompt_chars(endpoint, body) > _THREAD_ESTIMATE_CHARS:
+            return None
+        return self._job(endpoint, body, self.estimator.estimate(endpoint, body), custom_id, priority, timeout_s,
+                         cacheable)
+
+    def _capped(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self._budget is None:
+            return body
+        # The reservation charged becomes the request's cap: the worst case held is the worst case possible.
+        return dict(cap_output(endpoint, body, self.estimator.default_output_tokens))
+
+    def _job(
+        self, endpoint: str, body: dict[str, Any], estimate: int, custom_id: str | None, priority: int,
+        timeout_s: float | None, cacheable: bool | None,
+    ) -> Job:
         sequence = next(self._sequence)
         now = self._clock.now()
         deadline = now + timeout_s if timeout_s is not None else None
         job = Job(endpoint, body, custom_id if custom_id is not None else f"request-{sequence}", priority,
-                  sequence, estimate, output_reservation(endpoint, body, estimator.default_output_tokens), now,
+                  sequence, estimate, output_reservation(endpoint, body, self.estimator.default_output_tokens), now,
                   deadline)
         if self._cache is not None and cacheable is not False and (cacheable or is_deterministic(endpoint, body)):
             job.cache_key = cache_key(self._cache_scope, endpoint, body)
         return job
 
+    def _enqueue_now(self, job: Job) -> bool:
+        """Queue ``job`` at once in the common case (nothing to look up or refuse, room in the queue); False:
+        :meth:`_enqueue` must."""
+        if self._queue.full or not self._plain(job):
+            return False
+        self._settler.register(job)
+        if job.deadline is not None:
+            job.deadline_timer = self._clock.call_at(job.deadline, functools.partial(self._dispatcher.expire, job))
+        self._queue.requeue(job)
+        return True
+
+    def _plain(self, job: Job) -> bool:
+        """Nothing to look up (a cache) or refuse (a stop, a request too large, a model without a price)."""
+        return not (job.cache_key is not None or self._dispatcher.stopped is not None
+                    or self._router.too_large(job) is not None
+                    or (self._budget is not None and not self._budget.priced(job.model)))
+
     async def _enqueue(self, job: Job) -> None:
+        if self._enqueue_now(job):
+            return
         settler = self._settler
         settler.register(job)
         if job.deadline is not None:

@@ -59,8 +59,18 @@ class JobQueue(Generic[J]):
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def full(self) -> bool:
+        return self._count >= self.maxsize
+
     async def put(self, job: J) -> None:
         """Queue a job, waiting while the queue is full."""
+        await self.wait_for_room()
+        self.requeue(job)
+
+    async def wait_for_room(self) -> None:
+        """Wait until the queue has room (at once if it has). A waiter cancelled after its turn came passes the
+        turn on."""
         while self._count >= self.maxsize:
             waiter = asyncio.get_running_loop().create_future()
             self._putters.append(waiter)
@@ -71,7 +81,6 @@ class JobQueue(Generic[J]):
                 if not waiter.cancelled() or self._count < self.maxsize:
                     self._wake_putter()  # pass the free slot on
                 raise
-        self.requeue(job)
 
     def requeue(self, job: J) -> None:
         """Queue a job at once, whatever the bound."""
@@ -89,6 +98,9 @@ class JobQueue(Generic[J]):
 
     def heads(self) -> list[tuple[int, int, Hashable]]:
         """``(priority, sequence, lane)`` of each lane's next job, most urgent first."""
+        if len(self._lanes) == 1:  # the common case, without the sort (this is on every job's path)
+            for key, lane in self._lanes.items():
+                return [(lane[0][0], lane[0][1], key)]
         return sorted((lane[0][0], lane[0][1], key) for key, lane in self._lanes.items() if lane)
 
     def pop_lane(self, key: Hashable) -> J:

@@ -66,8 +66,20 @@ class BucketState:
     charged: dict[str, float] = field(default_factory=dict)
     sent: dict[str, float] = field(default_factory=dict)
     hold: Hold | None = None
+    # (rate, cap) by dimension for the params they were worked out for: they change only with the params, the
+    # burst factor or a learned limit, and every admission needs them.
+    _table: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False, compare=False)
+    _table_for: tuple[BucketParams, float] | None = field(default=None, repr=False, compare=False)
 
     # -- derived -----------------------------------------------------------------------------------------------
+
+    def rates_and_caps(self, p: BucketParams) -> dict[str, tuple[float, float]]:
+        """:meth:`rate` and :meth:`cap` of every dimension."""
+        table_for = self._table_for
+        if table_for is None or table_for[0] is not p or table_for[1] != self.burst:
+            self._table = {dim: (self.rate(p, dim), self.cap(p, dim)) for dim in p.rates}
+            self._table_for = (p, self.burst)
+        return self._table
 
     def rate(self, p: BucketParams, dim: str) -> float:
         """Refill per second: the configured rate, or the server's lower limit."""
@@ -82,21 +94,21 @@ class BucketState:
 
     def refill(self, p: BucketParams, now: float) -> None:
         """Bring the levels to ``now`` (a new scope starts part full; time never runs backwards)."""
+        table, levels = self.rates_and_caps(p), self.levels
         if self.updated is None:
-            for dim in p.rates:
-                self.levels[dim] = self.cap(p, dim) * p.fill.get(dim, 1.0)
+            for dim, (_, cap) in table.items():
+                levels[dim] = cap * p.fill.get(dim, 1.0)
             self.updated = now
             return
         elapsed = now - self.updated
-        for dim in p.rates:
-            level = self.levels.get(dim)
-            cap = self.cap(p, dim)
+        for dim, (rate, cap) in table.items():
+            level = levels.get(dim)
             if level is None:
-                self.levels[dim] = cap * p.fill.get(dim, 1.0)
+                levels[dim] = cap * p.fill.get(dim, 1.0)
             elif elapsed > 0:
-                self.levels[dim] = min(cap, level + elapsed * self.rate(p, dim))
+                levels[dim] = min(cap, level + elapsed * rate)
             else:
-                self.levels[dim] = min(cap, level)
+                levels[dim] = min(cap, level)
         if elapsed > 0:
             self.updated = now
 
@@ -118,8 +130,8 @@ class BucketState:
         other = hold is not None and hold.owner != owner
         wait, binding = 0.0, None
         needs: dict[str, float] = {}
-        for dim in p.rates:
-            cap = self.cap(p, dim)
+        table = self.rates_and_caps(p)
+        for dim, (rate, cap) in table.items():
             need = min(costs.get(dim, 0.0), cap * (1.0 - floor)) + cap * floor
             needs[dim] = need
             if other:
@@ -127,7 +139,7 @@ class BucketState:
                 need += hold.needs.get(dim, 0.0)
             level = self.levels[dim]
             if level < need - _EPS:
-                dim_wait = (need - level) / self.rate(p, dim)
+                dim_wait = (need - level) / rate
                 if dim_wait > wait:
                     wait, binding = dim_wait, dim
         if wait > 0.0:
@@ -159,6 +171,7 @@ class BucketState:
         for dim, value in learned.items():
             if value > 0 and value < self.learned.get(dim, math.inf):
                 self.learned[dim] = value
+                self._table_for = None
         self.refill(p, now)
         for dim, bound in bounds.items():
             if dim in self.levels:
