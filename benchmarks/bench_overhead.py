@@ -1,9 +1,13 @@
 """Scheduler overhead: jobs per second through queue, buckets and workers, with a transport that answers at once.
 
 No network, limits far above: what is left is the pool's own CPU per job (building the body, the token estimate,
-queueing, admission, the worker task, the result). Measured through ``pool.map`` and through many concurrent
-``submit()`` calls, then once more under cProfile to show where the time goes, and the cost of a token estimate
-(tiktoken on typical prompts; the cache-hit path of repeated texts).
+queueing, admission, the worker task, the result). Measured through ``pool.map``; through ``submit()`` as a
+service calls it (a few hundred callers, each awaiting its answer before it submits again); and through every job
+``submit()``-ed at once and gathered. The last pattern keeps every job, its task and its coroutine alive together,
+so Python's cyclic garbage collector walks them again and again: ``asyncio_gather_baseline`` is what the same
+gather costs with a no-op coroutine in place of ``submit()``, the share of that figure that is not the pool's.
+Then one ``map`` run under cProfile shows where the time goes, and the cost of a token estimate (tiktoken on
+typical prompts; the cache-hit path of repeated texts).
 
 Usage: python benchmarks/bench_overhead.py [--jobs 50000] [--workers 64] [--no-profile] [--json PATH]
 """
@@ -78,14 +82,44 @@ async def via_map(texts: list[str], workers: int) -> dict[str, Any]:
 
 
 async def via_submit(texts: list[str], workers: int) -> dict[str, Any]:
-    """Every text as its own concurrent ``submit()``, gathered."""
+    """Every text as its own concurrent ``submit()``, all at once, gathered."""
     pool, transport = _pool(workers)
     async with pool:
         began, cpu = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(pool.submit(text, max_tokens=16) for text in texts))
         wall, cpu = time.perf_counter() - began, time.process_time() - cpu
     ok = sum(r.ok for r in results)
-    return _figures("submit", len(texts), wall, cpu, ok, transport.sent, yielded=len(results), ok=ok)
+    return _figures("submit, all gathered", len(texts), wall, cpu, ok, transport.sent, yielded=len(results), ok=ok)
+
+
+async def via_callers(texts: list[str], workers: int, callers: int = 512) -> dict[str, Any]:
+    """``callers`` concurrent callers, each submitting its next text once its last answer is back (a service)."""
+    pool, transport = _pool(workers)
+    pending = iter(texts)
+
+    async def caller() -> int:
+        return sum([(await pool.submit(text, max_tokens=16)).ok for text in pending])
+
+    async with pool:
+        began, cpu = time.perf_counter(), time.process_time()
+        ok = sum(await asyncio.gather(*(caller() for _ in range(callers))))
+        wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+    return _figures(f"submit, {callers} callers", len(texts), wall, cpu, ok, transport.sent, yielded=ok, ok=ok)
+
+
+async def gather_baseline(jobs: int) -> dict[str, Any]:
+    """What gathering ``jobs`` coroutines costs when each only awaits a future the loop resolves: no pool."""
+    loop = asyncio.get_running_loop()
+
+    async def no_op(i: int) -> int:
+        answer: asyncio.Future[int] = loop.create_future()
+        loop.call_soon(answer.set_result, i)
+        return await answer
+
+    began, cpu = time.perf_counter(), time.process_time()
+    done = len(await asyncio.gather(*(no_op(i) for i in range(jobs))))
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+    return _figures("asyncio_gather_baseline", jobs, wall, cpu, done, 0, yielded=done, ok=done)
 
 
 def _figures(mode: str, jobs: int, wall: float, cpu: float, done: int, sent: int, **extra: int) -> dict[str, Any]:
@@ -178,7 +212,8 @@ def run(jobs: int = 50_000, workers: int = 64, with_profile: bool = True) -> dic
     quiet_logs(logging.INFO)  # filtered below INFO, as asked of a production setup: debug logs are not measured
     asyncio.run(_warm_up(workers))
     texts = prompts(jobs, seed=1)
-    runs = [asyncio.run(via_map(texts, workers)), asyncio.run(via_submit(prompts(jobs, seed=2), workers))]
+    runs = [asyncio.run(via_map(texts, workers)), asyncio.run(via_callers(prompts(jobs, seed=4), workers)),
+            asyncio.run(via_submit(prompts(jobs, seed=2), workers)), asyncio.run(gather_baseline(jobs))]
     out: dict[str, Any] = {"jobs": jobs, "workers": workers, "runs": runs, "estimates": estimate_cost()}
     if with_profile:
         out["profile"] = profile(prompts(min(jobs, 20_000), seed=3), workers)

@@ -140,7 +140,7 @@ class EndpointState:
     """An endpoint at run time: its transport, identity, dialect, breaker, concurrency and counts."""
 
     __slots__ = ("breaker", "concurrency", "config", "dialect", "excluded", "failures", "in_flight", "key", "label",
-                 "limits", "model_limits", "models", "retired", "served", "transport", "weight")
+                 "limits", "model_limits", "models", "retired", "scopes", "served", "transport", "weight")
 
     def __init__(self, config: Endpoint, transport: Transport, *, limits: Limits | None,
                  model_limits: Mapping[str, Limits], workers: int, excluded: frozenset[str] = frozenset()) -> None:
@@ -165,6 +165,8 @@ class EndpointState:
         self.in_flight = 0
         self.served = 0
         self.failures = 0
+        #: its limit scope by model, once made (the router asks for one on every admission)
+        self.scopes: dict[str | None, ScopeLimiter] = {}
 
     def serves(self, model: str | None) -> bool:
         return self.retired is None and (self.models is None or model in self.models) and model not in self.excluded
@@ -185,13 +187,18 @@ class Router:
 
     def scope(self, state: EndpointState, model: str | None) -> ScopeLimiter:
         """The limit scope of ``model`` on ``state``."""
-        return self.limiter.scope(state.key, model, state.limits_of(model))
+        scope = state.scopes.get(model)
+        if scope is None:
+            scope = state.scopes[model] = self.limiter.scope(state.key, model, state.limits_of(model))
+        return scope
 
     def candidates(self, job: Job) -> list[EndpointState]:
         """The endpoints that serve the job's model, least loaded for their weight first; the one that failed
         the job last goes last (a retry prefers another endpoint)."""
-        model = job.model
-        found = [state for state in self.endpoints if state.serves(model)]
+        model, endpoints = job.model, self.endpoints
+        if len(endpoints) == 1:
+            return endpoints if endpoints[0].serves(model) else []
+        found = [state for state in endpoints if state.serves(model)]
         if len(found) > 1:
             found.sort(key=lambda state: (state is job.avoid, state.served / state.weight))
         return found

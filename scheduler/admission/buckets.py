@@ -127,30 +127,33 @@ class BucketState:
         hold = self.hold
         if hold is not None and hold.expires <= now:
             hold = self.hold = None
-        other = hold is not None and hold.owner != owner
-        wait, binding = 0.0, None
-        needs: dict[str, float] = {}
-        table = self.rates_and_caps(p)
-        for dim, (rate, cap) in table.items():
-            need = min(costs.get(dim, 0.0), cap * (1.0 - floor)) + cap * floor
-            needs[dim] = need
-            if other:
-                assert hold is not None
-                need += hold.needs.get(dim, 0.0)
-            level = self.levels[dim]
+        other = hold.needs if hold is not None and hold.owner != owner else None
+        levels, wait, binding = self.levels, 0.0, None
+        for dim, (rate, cap) in self.rates_and_caps(p).items():
+            need = costs.get(dim, 0.0)
+            if floor:
+                need = min(need, cap * (1.0 - floor)) + cap * floor
+            elif need > cap:
+                need = cap
+            if other is not None:
+                need += other.get(dim, 0.0)
+            level = levels[dim]
             if level < need - _EPS:
                 dim_wait = (need - level) / rate
                 if dim_wait > wait:
                     wait, binding = dim_wait, dim
         if wait > 0.0:
-            if claim and not other:
-                own = max(((needs[d] - self.levels[d]) / self.rate(p, d) for d in p.rates), default=0.0)
+            if claim and other is None:
+                needs = {dim: min(costs.get(dim, 0.0), cap * (1.0 - floor)) + cap * floor
+                         for dim, (_, cap) in self.rates_and_caps(p).items()}
+                own = max(((needs[d] - levels[d]) / self.rate(p, d) for d in p.rates), default=0.0)
                 self.hold = Hold(owner, needs, now + max(0.0, own) + grace_s)
             return wait, binding
         for dim in p.rates:
-            self.levels[dim] -= costs.get(dim, 0.0)
+            levels[dim] -= costs.get(dim, 0.0)
+        charged = self.charged
         for name, value in costs.items():
-            self.charged[name] = self.charged.get(name, 0.0) + value
+            charged[name] = charged.get(name, 0.0) + value
         if hold is not None and hold.owner == owner:
             self.hold = None
         return 0.0, None
