@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Sequence
 
 import structlog
 
-from . import errors
+from . import coalesce, errors
 from ._dispatch import Dispatcher
 from ._flights import Flights, ResponseCache
 from ._job import Job, State
@@ -203,6 +203,8 @@ class Attempts:
         outcome = classify(response.status, response.headers, response.body)
         if outcome is Outcome.SUCCESS:
             problem = answer_problem(job.endpoint, response.body, response.is_json)
+            if problem is None and job.riders is not None:
+                problem = coalesce.answer_problem(response.body, len(job.riders))
             if problem is None:
                 await self._succeed(job, response)
                 return
@@ -216,6 +218,8 @@ class Attempts:
         elif outcome is Outcome.RETRY:
             await self._retry(job, response, _describe(response), retry_after_s(response.headers))
         elif outcome is Outcome.JOB_FATAL:
+            if response.status in _INPUT_REFUSED and job.riders is not None and self.dispatcher.split(job):
+                return  # one input of a combined request may be the cause: each half is sent again
             # A 404 is an unknown model (or a wrong endpoint): the next fallback may serve it.
             if response.status != 404 or not self._fall_back(job, _describe(response)):
                 await settler.fail(job, errors.RequestRejected, _describe(response), response)
@@ -254,7 +258,8 @@ class Attempts:
         dialect = job.endpoint_state.dialect.dialect
         refusal = refusal_kind(response.status, response.headers, response.body, dialect)
         if refusal.kind == "too_large":
-            await self.settler.fail(job, errors.RequestTooLarge, _describe(response), response)
+            if job.riders is None or not self.dispatcher.split(job):
+                await self.settler.fail(job, errors.RequestTooLarge, _describe(response), response)
             return
         now = self.clock.now()
         if job.limited_since is None:
@@ -324,9 +329,11 @@ class Attempts:
                     reason=redact(reason))
         job.route += 1
         job.set_body({**job.body, "model": fallback.model})
-        if job.cache_key is not None:
-            # Its answer is the fallback's: stored under the fallback's request, never under the primary's.
-            self.flights.leave(job, cache_key(self.cache_scope, job.endpoint, job.body))
+        for one in job.riders or (job,):
+            if one.cache_key is not None:
+                # Its answer is the fallback's: stored under the fallback's request, never under the primary's.
+                rekeyed = cache_key(self.cache_scope, one.endpoint, {**one.body, "model": fallback.model})
+                self.flights.leave(one, rekeyed)
         job.failures = 0
         job.limited_since = None
         self.counters.fallbacks += 1
@@ -334,6 +341,9 @@ class Attempts:
         return True
 
     async def _succeed(self, job: Job, response: Response) -> None:
+        if job.riders is not None:
+            await self._succeed_riders(job, response)
+            return
         usage = Usage.from_body(response.body)
         c = self.counters
         cost = None
@@ -357,6 +367,39 @@ class Attempts:
             await self.cache.store(job.cache_key, result)
         await self.settler.finish(job, result, saved_usd=cost)
 
+    async def _succeed_riders(self, carrier: Job, response: Response) -> None:
+        """A combined request was answered: each rider gets its own vector, a share of the usage and its cost."""
+        assert carrier.riders is not None and carrier.scope is not None
+        usage = Usage.from_body(response.body)
+        c = self.counters
+        if usage is not None:
+            c.prompt_tokens += usage.prompt_tokens
+            await self._tell(carrier.scope.settle(carrier.costs, usage))
+        riders = carrier.riders
+        parts = coalesce.split_answer(response.body, [rider.estimate for rider in riders])
+        costs = [self.prices.cost(carrier.model, share) if share is not None else None for _, share in parts]
+        spent = sum(cost for cost in costs if cost is not None) if usage is not None else None
+        c.cost_usd += spent or 0.0
+        self.settler.release(carrier, uncertain=usage is None, spent=spent)
+        c.coalesced_requests += 1
+        left = set(self.settler.riders_left(carrier))
+        c.coalesced_jobs += len(left)
+        now, label = self.clock.now(), carrier.endpoint_state.label if carrier.endpoint_state is not None else None
+        count = len(riders) if len(riders) > 1 else None
+        for rider, (body, share), cost in zip(riders, parts, costs, strict=True):
+            if rider not in left:
+                continue  # it expired or was abandoned meanwhile: its vector goes nowhere
+            result = Result(
+                custom_id=rider.custom_id, endpoint=rider.endpoint, status=response.status, body=body,
+                request_id=response.request_id, usage=share, attempts=rider.attempts + carrier.attempts,
+                latency_s=now - rider.submitted_at, model=carrier.model, cost_usd=cost, served_by=label,
+                coalesced=count,
+            )
+            if rider.cache_key is not None and self.cache is not None:
+                await self.cache.store(rider.cache_key, result)
+            await self.settler.finish(rider, result, saved_usd=cost)
+        self.settler.drop(carrier)  # every rider is settled: this only ends the carrier
+
     async def _cancelled(self, job: Job) -> None:
         """The pool cancelled ``job``'s attempt: its deadline passed, its caller left, or the pool is closing."""
         self.settler.release(job, uncertain=True)  # it was sent: the server may bill it
@@ -369,6 +412,10 @@ class Attempts:
             stopped = self.dispatcher.stopped
             reason = str(stopped) if stopped is not None else "the pool closed"
             await self.settler.fail(job, errors.RunStopped, f"{reason} while the request was in flight")
+
+
+# Statuses that may mean one input of a combined request is bad (too long, empty): the request is split.
+_INPUT_REFUSED = frozenset({400, 413, 422})
 
 
 def _describe(response: Response) -> str:

@@ -16,6 +16,7 @@ from ._budget import Budget
 from ._job import Job, State
 from ._settle import Settler
 from .clock import Clock
+from .coalesce import Coalescing, inputs_body
 from .queue import JobQueue
 from .statistics import Counters, RateMeter
 
@@ -36,11 +37,13 @@ class Dispatcher:
         router: picks the endpoint (and so the limit scope) a job is admitted through.
         launch: starts an admitted job's attempt (it holds one of the ``workers`` until ``free_worker``).
         max_pause_s: the longest a 429 pauses all dispatch.
+        coalescing: how embeddings jobs are gathered into one request (None: each goes alone).
     """
 
     def __init__(
         self, *, queue: JobQueue[Job], workers: int, clock: Clock, settler: Settler, budget: Budget | None,
         counters: Counters, meter: RateMeter, router: Router, launch: Callable[[Job], None], max_pause_s: float,
+        coalescing: Coalescing | None = None,
     ) -> None:
         self.queue = queue
         self.workers = workers
@@ -52,6 +55,7 @@ class Dispatcher:
         self.router = router
         self.launch = launch
         self.max_pause_s = max_pause_s
+        self.coalescing = coalescing
         self.slots = asyncio.Semaphore(workers)
         #: lanes held back: until when, and the priority of the job that was refused
         self._blocked: dict[object, tuple[float, int]] = {}
@@ -72,6 +76,11 @@ class Dispatcher:
                 await queue.wait_nonempty()
             await slots.acquire()
             job, retry_at = self._take_ready()
+            if job is not None and job.coalesce_key is not None and self.coalescing is not None:
+                job = self._coalesce(job)
+                if job is None:  # it lingers for companions: its lane is held back meanwhile
+                    slots.release()
+                    continue
             if job is None:
                 slots.release()
                 await self._nap(retry_at - self.clock.now())
@@ -122,6 +131,8 @@ class Dispatcher:
         if self.stopped is not None:
             await settler.fail(job, type(self.stopped), str(self.stopped))
             return False
+        if job.riders is not None and not self._keep_riders(job):
+            return False
         now = self.clock.now()
         router = self.router
         if (unserved := router.unserved(job.model)) is not None:
@@ -149,7 +160,8 @@ class Dispatcher:
         if state is None:
             if wait == math.inf and (tpm := router.too_large(job)) is not None:
                 # Larger than the whole token limit of every endpoint serving it (learned since it was queued).
-                await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
+                if not self.split(job):
+                    await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
                 return False
             self._block(job, now + wait)
             return False
@@ -164,6 +176,108 @@ class Dispatcher:
             job.reserved = worst
             self.budget.hold(worst)
         return True
+
+    # ------------------------------------------------------------------ coalescing
+
+    def _coalesce(self, head: Job) -> Job | None:
+        """``head`` and the queued jobs that may ride with it, as one carrier job; ``head`` itself when none may;
+        None when it waits a little for companions (fewer than a full request are queued and its linger is not
+        over: its lane is held back until then)."""
+        rules = self.coalescing
+        assert rules is not None
+        key, lane = head.coalesce_key, self.queue.lane(head)
+        room = self._token_room(head) - head.estimate
+        full = False
+
+        def rides(job: Job) -> bool | None:
+            nonlocal room, full
+            if job.coalesce_key != key:
+                return False
+            if job.estimate > room:
+                full = True
+                return None  # the request is full (by tokens): the rest waits for the next one
+            room -= job.estimate
+            return True
+
+        riders = [head, *self.queue.take(lane, rides, rules.max_inputs - 1)]
+        full = full or len(riders) >= rules.max_inputs
+        linger_until = head.submitted_at + rules.linger_s
+        if not full and self.clock.now() < linger_until:
+            for rider in riders[1:]:
+                self.queue.requeue(rider)
+            self._block(head, linger_until)
+            return None
+        return head if len(riders) == 1 else self._carrier(riders)
+
+    def _token_room(self, head: Job) -> int:
+        """The most tokens one combined request may carry: the coalescing bound, and no more than the largest
+        token bucket of the endpoints serving the model holds (it would wait for a full bucket, then owe)."""
+        assert self.coalescing is not None
+        room = self.coalescing.max_tokens
+        buckets = []
+        for state in self.router.candidates(head):
+            limits = self.router.scope(state, head.model).snapshot()
+            tpm = limits.per_minute().get("tokens") if limits is not None else None
+            if tpm is None:
+                return room
+            buckets.append(int(tpm / 60.0 * limits.burst_s))  # type: ignore[union-attr]
+        return min(room, max(buckets)) if buckets else room
+
+    def _carrier(self, riders: list[Job]) -> Job:
+        """The job that sends ``riders``' texts as one request (in the first one's place in the queue)."""
+        head = riders[0]
+        carrier = Job(head.endpoint, inputs_body(riders), f"{head.custom_id}+{len(riders) - 1}", head.priority,
+                      head.sequence, sum(rider.estimate for rider in riders), 0, self.clock.now(), None)
+        carrier.route = head.route
+        carrier.riders = riders
+        for rider in riders:
+            rider.state = State.RIDING
+            rider.carrier = carrier
+        return carrier
+
+    def _keep_riders(self, carrier: Job) -> bool:
+        """Before a carrier is admitted: leave out riders that left it (expired, abandoned); False when none is
+        left (the carrier is dropped)."""
+        assert carrier.riders is not None
+        left = self.settler.riders_left(carrier)
+        if not left:
+            self.settler.drop(carrier)
+            return False
+        if len(left) != len(carrier.riders):
+            carrier.riders = left
+            carrier.set_body(inputs_body(left))
+            carrier.estimate = sum(rider.estimate for rider in left)
+        return True
+
+    def split(self, carrier: Job) -> bool:
+        """Send a combined request's riders as two requests: one input may be what the server refused, and so
+        only its own job fails. False when a single rider is left (the error is its own)."""
+        left = self.settler.riders_left(carrier)
+        if len(left) < 2:
+            return False
+        half = len(left) // 2
+        log.info("coalesced_split", custom_id=carrier.custom_id, inputs=len(left))
+        for part in (left[:half], left[half:]):
+            for rider in part:
+                rider.attempts += carrier.attempts
+            self.requeue(self._carrier(part))
+        self.settler.drop(carrier)  # its riders have moved: nothing of theirs is dropped
+        return True
+
+    def _leave_carrier(self, rider: Job) -> None:
+        """``rider`` leaves its carrier (it expired or was abandoned); a carrier nobody rides any more is not
+        sent (or its request is cancelled)."""
+        carrier, rider.carrier = rider.carrier, None
+        if carrier is None or self.settler.riders_left(carrier):
+            return
+        if carrier.state is State.RUNNING and carrier.task is not None:
+            carrier.stop_reason = "abandoned"
+            carrier.task.cancel()
+        elif carrier.state is State.WAITING or (carrier.state is State.QUEUED and self.queue.remove(carrier)):
+            self.settler.drop(carrier)
+        # Otherwise the dispatcher holds it (dropped when it looks again), or its answer is being concluded.
+
+    # ------------------------------------------------------------------ napping
 
     async def _nap(self, seconds: float) -> None:
         """The dispatcher's sleep: an arrival, a stop, a budget hold coming back or the pool closing wakes it
@@ -214,7 +328,9 @@ class Dispatcher:
         # A stop the caller asked for (Ctrl-C in the CLI) is no error.
         level = log.warning if type(error) is errors.RunStopped else log.error
         level("run_stopped", reason=str(error), code=error.code)
-        waiting = [job for job in self.settler.live if job.state in (State.QUEUED, State.WAITING, State.FOLLOWING)]
+        waiting = [job for job in self.settler.live if job.state in (State.QUEUED, State.WAITING, State.FOLLOWING)
+                   or (job.state is State.RIDING and job.carrier is not None
+                       and job.carrier.state in (State.QUEUED, State.WAITING))]
         self.queue.clear()
         if waiting:
             self.spawn(self._fail_all(waiting, error))
@@ -254,7 +370,11 @@ class Dispatcher:
         """The deadline timer: fail ``job`` wherever it waits."""
         if job.state in (State.SETTLED, State.CONCLUDING):
             return  # settled, or answered in time and being concluded
-        if job.state is State.RUNNING and job.task is not None:
+        if job.state is State.RIDING:
+            self._leave_carrier(job)
+            self.spawn(self.settler.fail(job, errors.DeadlineExceeded, "the deadline passed before the combined "
+                                         "request it rode in was answered"))
+        elif job.state is State.RUNNING and job.task is not None:
             job.stop_reason = "deadline"
             job.task.cancel()
         else:
@@ -266,7 +386,10 @@ class Dispatcher:
         if job.state is State.SETTLED:
             return
         job.abandoned = True
-        if job.state is State.RUNNING and job.task is not None:
+        if job.state is State.RIDING:
+            self._leave_carrier(job)
+            self.settler.drop(job)
+        elif job.state is State.RUNNING and job.task is not None:
             job.stop_reason = "abandoned"
             job.task.cancel()
         elif job.state in (State.WAITING, State.FOLLOWING) or (

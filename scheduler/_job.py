@@ -33,6 +33,8 @@ class State(enum.Enum):
     WAITING = "waiting"
     #: waiting for an identical job's answer (single flight of the response cache)
     FOLLOWING = "following"
+    #: riding in a combined request (coalesced embeddings): its carrier job is queued, waiting or running
+    RIDING = "riding"
     SETTLED = "settled"
 
 
@@ -45,6 +47,8 @@ class Job:
         "avoid",
         "body",
         "cache_key",
+        "carrier",
+        "coalesce_key",
         "costs",
         "custom_id",
         "deadline",
@@ -63,6 +67,7 @@ class Job:
         "output",
         "priority",
         "reserved",
+        "riders",
         "route",
         "scope",
         "sequence",
@@ -131,6 +136,12 @@ class Job:
         self.cache_key: str | None = None
         #: identical jobs waiting for this one's answer (single flight)
         self.followers: list[Job] | None = None
+        #: what it must share with other jobs to ride in one request with them (None: it goes alone)
+        self.coalesce_key: str | None = None
+        #: a carrier's riders, in the order of their inputs (None: not a carrier)
+        self.riders: list[Job] | None = None
+        #: the carrier a riding job is in
+        self.carrier: Job | None = None
 
     def set_body(self, body: Mapping[str, Any]) -> None:
         """Change what the job asks (a fallback's model)."""

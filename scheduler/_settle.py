@@ -77,6 +77,14 @@ class Settler:
             return
         self.release(job, uncertain=False)
         response = response or job.last_response
+        if job.riders is not None:
+            # A combined request failed as a whole: each job riding in it fails the same way.
+            self._settle(job)
+            for rider in self.riders_left(job):
+                rider.attempts += job.attempts
+                rider.endpoint_state = job.endpoint_state
+                await self.fail(rider, kind, message, response)
+            return
         message = redact(message)
         result = Result(
             custom_id=job.custom_id, endpoint=job.endpoint,
@@ -103,6 +111,10 @@ class Settler:
         if job.state is State.SETTLED:
             return
         self._settle(job)
+        if job.riders is not None:
+            for rider in self.riders_left(job):
+                self.drop(rider)
+            return
         successor = self.flights.hand_over(job) if job.cache_key is not None else None
         if successor is not None:
             successor.state = State.QUEUED
@@ -116,6 +128,10 @@ class Settler:
         if job.state is State.SETTLED:
             return
         self._settle(job)
+        if job.riders is not None:
+            for rider in self.riders_left(job):
+                await self.finish(rider, dataclasses.replace(result, custom_id=rider.custom_id))
+            return
         c = self.counters
         if result.ok:
             c.succeeded += 1
@@ -151,6 +167,11 @@ class Settler:
                 if result.ok:
                     c.cache_saved_usd += saved_usd or 0.0
         self._check_idle()
+
+    @staticmethod
+    def riders_left(carrier: Job) -> list[Job]:
+        """The jobs still riding in ``carrier`` (the others expired, were abandoned or settled otherwise)."""
+        return [rider for rider in carrier.riders or () if rider.state is State.RIDING and rider.carrier is carrier]
 
     def _sink_failed(self, job: Job, result: Result, exc: Exception) -> Result:
         # The answer is kept in the result (its body), but the caller must know it missed the sink.

@@ -38,6 +38,7 @@ from ._settle import Settler
 from .admission import Limiter
 from .cache import CacheBackend, MemoryCache, cache_key, is_deterministic, open_cache
 from .clock import Clock, LoopClock
+from .coalesce import EMBEDDINGS, Coalescing, coalesce_key
 from .cost import ModelPrice, PriceTable
 from .endpoints import Endpoint, EndpointState, Router
 from .fallbacks import Fallback
@@ -109,6 +110,8 @@ class Pool:
         limiter: the admission seam (:class:`~scheduler.admission.Limiter`): its limits and store replace
             ``limits``, ``model_limits`` and ``redis``.
         estimator: the token estimator (:class:`~scheduler.tokens.TokenEstimator` or a subclass).
+        coalesce: send one-text embeddings jobs queued together as one request (default: on; a
+            :class:`~scheduler.coalesce.Coalescing` sets its bounds; False sends each alone).
         transport, clock, rng: seams for tests.
     """
 
@@ -136,6 +139,7 @@ class Pool:
         max_rate_limited_s: float = 600.0,
         limiter: Limiter | None = None,
         estimator: TokenEstimator | None = None,
+        coalesce: bool | Coalescing = True,
         transport: Transport | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
@@ -168,6 +172,7 @@ class Pool:
         #: the token estimator, a public seam (``Pool(estimator=...)``)
         self.estimator = estimator or TokenEstimator(default_max_tokens)
         self.prices = PriceTable.load(prices)
+        self._coalescing = Coalescing() if coalesce is True else coalesce or None
         self._clock: Clock = clock or LoopClock()
         chain = tuple(f if isinstance(f, Fallback) else Fallback(model=f) for f in fallbacks)
         self._budget: Budget | None = None
@@ -224,7 +229,7 @@ class Pool:
         self._dispatcher = Dispatcher(
             queue=self._queue, workers=workers, clock=self._clock, settler=self._settler, budget=self._budget,
             counters=self._counters, meter=self._meter, router=self._router, launch=self._launch,
-            max_pause_s=max_pause_s,
+            max_pause_s=max_pause_s, coalescing=self._coalescing,
         )
         self._attempts = Attempts(
             dispatcher=self._dispatcher, settler=self._settler, router=self._router, fallbacks=chain,
@@ -273,11 +278,14 @@ class Pool:
         why = "the pool closed" if exc_type is None else f"the pool closed on {exc_type.__name__}"
         live = list(self._settler.live)
         for job in live:
-            if job.state is State.RUNNING and job.task is not None:
-                job.stop_reason = "closing"
-                job.task.cancel()
+            # A job riding in a combined request is in flight when its carrier is.
+            running = job.carrier if job.state is State.RIDING and job.carrier is not None else job
+            if running.state is State.RUNNING and running.task is not None:
+                running.stop_reason = "closing"
+                running.task.cancel()
         for job in live:
-            if job.state is not State.RUNNING:
+            running = job.carrier if job.state is State.RIDING and job.carrier is not None else job
+            if running.state is not State.RUNNING:
                 await self._settler.fail(job, errors.RunStopped, f"{why} before the job ran")
         for task in (self._loop_task, *self._feeders):
             if task is not None:
@@ -356,6 +364,37 @@ class Pool:
         if raise_errors and result.error is not None:
             raise errors.error_for(result)
         return result
+
+    async def embed(
+        self, texts: Sequence[str], *, model: str | None = None, priority: int = 0, timeout_s: float | None = None,
+        **body: Any,
+    ) -> list[Any]:
+        """Embed every text; returns their vectors in the order of ``texts``.
+
+        Each text is a job of its own (with its own retries and limits); queued together, they go out as few
+        requests as the coalescing bounds allow (see ``Pool(coalesce=...)``).
+
+        Args:
+            texts: the texts.
+            model: the embeddings model (default: the pool's).
+            priority, timeout_s: as for :meth:`submit`, for each text.
+            **body: other request fields, e.g. ``dimensions=256``.
+
+        Raises:
+            JobError: a text's job failed (the first failure, once every text has settled).
+            ConfigurationError: no model is named.
+        """
+        model = model or self.model
+        if model is None:
+            raise errors.ConfigurationError("embed() needs a model: Pool(model=...) or embed(texts, model=...)")
+        results = await asyncio.gather(*(
+            self.submit({**body, "model": model, "input": text}, endpoint=EMBEDDINGS, priority=priority,
+                        timeout_s=timeout_s, raise_errors=False)
+            for text in texts))
+        for result in results:
+            if result.error is not None:
+                raise errors.error_for(result)
+        return [result.body["data"][0]["embedding"] for result in results]
 
     def stream(
         self,
@@ -473,7 +512,8 @@ class Pool:
             budget_usd=budget.limit_usd if budget else None, reserved_usd=budget.reserved_usd if budget else 0.0,
             uncertain_usd=budget.uncertain_usd if budget else 0.0, cache_hits=c.cache_hits,
             cache_misses=c.cache_misses, cache_saved_usd=c.cache_saved_usd, fallbacks=c.fallbacks, pauses=c.pauses,
-            internal_errors=c.internal_errors,
+            internal_errors=c.internal_errors, coalesced_requests=c.coalesced_requests,
+            coalesced_jobs=c.coalesced_jobs,
             scopes=tuple(ScopeStatistics(s.endpoint.split("|")[0], s.model_name, s.snapshot(), s.ratio)
                          for s in scopes),
             endpoints=tuple(
@@ -535,6 +575,8 @@ class Pool:
                   deadline)
         if self._cache is not None and cacheable is not False and (cacheable or is_deterministic(endpoint, body)):
             job.cache_key = cache_key(self._cache_scope, endpoint, body)
+        if endpoint == EMBEDDINGS and self._coalescing is not None:
+            job.coalesce_key = coalesce_key(endpoint, body)
         return job
 
     def _enqueue_now(self, job: Job) -> bool:

@@ -112,6 +112,31 @@ class JobQueue(Generic[J]):
         self._taken()
         return job
 
+    def take(self, key: Hashable, accept: Callable[[J], bool | None], limit: int) -> list[J]:
+        """Take up to ``limit`` more jobs of a lane in order, those ``accept`` says True of; False passes a job
+        over (it stays queued), None stops the search."""
+        lane = self._lanes.get(key)
+        taken: list[J] = []
+        passed: list[tuple[int, int, J]] = []
+        while lane and len(taken) < limit:
+            entry = heapq.heappop(lane)
+            verdict = accept(entry[2])
+            if verdict:
+                taken.append(entry[2])
+                continue
+            passed.append(entry)
+            if verdict is None:
+                break
+        if lane is not None:
+            for entry in passed:
+                heapq.heappush(lane, entry)
+            if not lane:
+                del self._lanes[key]
+        self._count -= len(taken)
+        for _ in range(min(len(taken), self.maxsize - self._count)):
+            self._wake_putter()
+        return taken
+
     def pop(self) -> J:
         """Take the most urgent job of any lane (the queue must not be empty)."""
         return self.pop_lane(self.heads()[0][2])

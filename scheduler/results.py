@@ -83,6 +83,8 @@ class Result:
     batch_id: str | None = None
     #: the endpoint that answered (its name, or host and a short key fingerprint; never the key)
     served_by: str | None = None
+    #: embeddings: how many inputs the combined request that answered it carried (None: it went alone)
+    coalesced: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -49,6 +49,8 @@ def batch_line(result: Result) -> dict[str, Any]:
         extra["batch_id"] = result.batch_id
     if result.served_by is not None:
         extra["endpoint"] = result.served_by
+    if result.coalesced is not None:
+        extra["coalesced"] = result.coalesced
     return {
         "id": f"batch_req_{digest}",
         "custom_id": result.custom_id,

@@ -93,6 +93,9 @@ class PoolStatistics:
     pauses: int = 0
     #: jobs ended by an unexpected exception (code internal_error)
     internal_errors: int = 0
+    #: combined embeddings requests answered, and the jobs they answered
+    coalesced_requests: int = 0
+    coalesced_jobs: int = 0
     #: every limit scope used so far (an endpoint's model with its own buckets)
     scopes: tuple[ScopeStatistics, ...] = ()
     #: every endpoint of the pool
@@ -108,6 +111,8 @@ class Counters:
         "cache_misses",
         "cache_saved_usd",
         "charged_tokens",
+        "coalesced_jobs",
+        "coalesced_requests",
         "completion_tokens",
         "cost_usd",
         "failed",
@@ -128,6 +133,7 @@ class Counters:
         self.attempts = self.in_flight = self.prompt_tokens = self.completion_tokens = 0
         self.charged_tokens = self.truncated = self.internal_errors = self.pauses = 0
         self.cache_hits = self.cache_misses = self.fallbacks = 0
+        self.coalesced_requests = self.coalesced_jobs = 0
         self.cost_usd = self.cache_saved_usd = 0.0
 
 
