@@ -35,7 +35,7 @@ class PoolStatistics:
     failed: int
     #: attempts that will be (or were) made again
     retries: int
-    #: 429 rate_limit_exceeded answers
+    #: 429 rate_limit_exceeded answers (a shortage of capacity is counted in ``capacity_refused``)
     rate_limited: int
     #: HTTP attempts made, answered or not
     attempts: int
@@ -74,6 +74,11 @@ class PoolStatistics:
     internal_errors: int = 0
     #: every limit scope used so far (an endpoint's model with its own buckets)
     scopes: tuple[ScopeStatistics, ...] = ()
+    #: 429s for a shortage of capacity (flex ``resource_unavailable``, an overloaded server): backed off, not a
+    #: sign to slow down
+    capacity_refused: int = 0
+    #: flex jobs sent at the standard tier after a capacity 429 (``Pool(flex_fallback="standard")``)
+    flex_fallbacks: int = 0
 
 
 class Counters:
@@ -84,11 +89,13 @@ class Counters:
         "cache_hits",
         "cache_misses",
         "cache_saved_usd",
+        "capacity_refused",
         "charged_tokens",
         "completion_tokens",
         "cost_usd",
         "failed",
         "fallbacks",
+        "flex_fallbacks",
         "in_flight",
         "internal_errors",
         "pauses",
@@ -105,6 +112,7 @@ class Counters:
         self.attempts = self.in_flight = self.prompt_tokens = self.completion_tokens = 0
         self.charged_tokens = self.truncated = self.internal_errors = self.pauses = 0
         self.cache_hits = self.cache_misses = self.fallbacks = 0
+        self.capacity_refused = self.flex_fallbacks = 0
         self.cost_usd = self.cache_saved_usd = 0.0
 
 
