@@ -9,7 +9,6 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import openai
 import structlog
 
 from ._journal import Journal, now_unix, read_records, replay
@@ -60,6 +59,8 @@ async def cancel_batches(state: str | os.PathLike[str], *, client: AsyncOpenAI) 
     Raises:
         ConfigurationError: the state is in use by a running run, or is not a batch journal.
     """
+    import openai  # here: importing the SDK is most of a command's start-up
+
     journal = Journal(state)
     try:
         st = replay(journal.records)

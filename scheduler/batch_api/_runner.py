@@ -27,7 +27,6 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Contai
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import openai
 import orjson
 import structlog
 
@@ -410,6 +409,8 @@ class BatchRun:
     # -- polling and ending -----------------------------------------------------------------------
 
     async def _retrieve(self, part: PartState) -> Batch | None:
+        import openai  # here: importing the SDK is most of a command's start-up
+
         assert part.batch_id is not None
         try:
             return await self._client.batches.retrieve(part.batch_id)
@@ -449,6 +450,8 @@ class BatchRun:
 
     async def _download(self, part: PartState, *file_ids: str | None) -> list[Path] | None:
         """Stream a batch's output and error files to disk beside the part; None when a download failed."""
+        import openai  # here: importing the SDK is most of a command's start-up
+
         paths: list[Path] = []
         for kind, file_id in zip(("output", "errors"), file_ids, strict=True):
             if not file_id:

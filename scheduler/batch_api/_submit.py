@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import openai
 import structlog
 
 from .. import errors
@@ -94,6 +93,8 @@ class Submitter:
         Raises:
             AuthenticationFailed: the API refused the key.
         """
+        import openai  # here: importing the SDK is most of a command's start-up
+
         client = self._client
         try:
             if part.file_id is None:
@@ -137,6 +138,8 @@ class Submitter:
 
     async def settle_in_doubt(self, parts: list[PartState]) -> None:
         """Find the batches of creations the journal left in doubt; those not found were never created."""
+        import openai  # here: importing the SDK is most of a command's start-up
+
         doubt = {(p.number, p.tries): p for p in parts if p.in_doubt}
         if not doubt:
             return
@@ -182,6 +185,8 @@ class Submitter:
 
     async def send_cancels(self, parts: list[PartState]) -> None:
         """Ask the API to cancel every running batch of ``parts`` not asked yet (a cut-over)."""
+        import openai  # here: importing the SDK is most of a command's start-up
+
         for part in parts:
             if not part.running or part.batch_id in self._cancel_sent:
                 continue
