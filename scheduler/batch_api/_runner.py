@@ -213,7 +213,9 @@ class BatchRun:
         tokens = sum(p.tokens for p in base)
         finished = sum(p.end.get("succeeded", 0) + p.end.get("failed", 0) for p in parts if p.end is not None)
         cost = sum(p.end.get("cost_usd", 0.0) for p in parts if p.end is not None)
-        left = max(0, requests - finished)
+        # Lines a running batch completed are done as far as what is left is concerned: a cut-over collects them.
+        completed = sum(b.completed for p in parts if p.running and (b := self._seen_counts(p)) is not None)
+        left = max(0, requests - finished - completed)
         return BatchRunStatistics(
             requests=requests, finished=finished, succeeded=self._succeeded, failed=self._failed,
             skipped=self._skipped, retried=self._retried, refusals=self._api.refusals, cost_usd=cost,
@@ -221,16 +223,24 @@ class BatchRun:
             batches=tuple(self._progress(p) for p in parts),
         )
 
+    def _seen_counts(self, part: PartState) -> BatchProgress | None:
+        seen = self._seen.get(part.number)
+        if seen is None or seen.id != part.batch_id or seen.request_counts is None:
+            return None
+        return BatchProgress(part.number, seen.id, seen.status, seen.request_counts.total,
+                             seen.request_counts.completed, seen.request_counts.failed)
+
     def _progress(self, part: PartState) -> BatchProgress:
         seen = self._seen.get(part.number)
         if part.end is not None:
             end = part.end
             return BatchProgress(part.number, end.get("batch_id"), end["status"], part.requests,
                                  end.get("succeeded", 0), end.get("failed", 0) + len(end.get("retry", ())))
+        counts = self._seen_counts(part)
+        if counts is not None:
+            return counts
         if seen is not None and part.batch_id == seen.id:
-            counts = seen.request_counts
-            return BatchProgress(part.number, seen.id, seen.status, counts.total if counts else part.requests,
-                                 counts.completed if counts else 0, counts.failed if counts else 0)
+            return BatchProgress(part.number, seen.id, seen.status, part.requests, 0, 0)
         status = "held" if part.refusals and part.pending else "pending" if part.pending else "submitted"
         return BatchProgress(part.number, part.batch_id, status, part.requests, 0, 0)
 

@@ -74,7 +74,8 @@ class BatchRunStatistics:
     refusals: int
     #: US dollars of the successes so far, this run and earlier ones, at Batch API prices
     cost_usd: float
-    #: requests without a final result yet, and their estimated tokens (0 without an estimator)
+    #: requests without a final result yet, less the lines running batches have completed (what a cut-over would
+    #: leave to run online), and their estimated tokens (0 without an estimator)
     requests_left: int
     tokens_left: int
     #: every part, in order
