@@ -22,12 +22,16 @@ Records (``"type"`` first; ``part`` numbers a request file, ``try`` the submissi
     {"type": "end", "part": 3, "batch_id": "...", "status": "completed", "output_file_id": "...",
      "error_file_id": "...", "created_at": <unix>, "ended_at": <unix>, "stopped": false,
      "succeeded": 495, "failed": 2, "cost_usd": 0.0123, "retry": ["id-7", ...]}
-                                                                    the batch ended; its lines with a final result
-                                                                    are in its files, "retry" need another batch;
-                                                                    "stopped": cancelled by a cut-over. A part the
-                                                                    API failed as a whole has "status": "failed"
-                                                                    and "errors": {"code", "message"} instead
-    {"type": "delivered", "part": 3}                               every final result of the part was handed out
+                                                                    the batch ended and its final results were
+                                                                    handed out (a crash before this record: the
+                                                                    next run judges its files again); its lines
+                                                                    in "retry" need another batch; "stopped":
+                                                                    cancelled by a cut-over. A part the API failed
+                                                                    as a whole has "status": "failed" and
+                                                                    "errors": {"code", "message"} instead
+    {"type": "delivered", "part": 3}                               the part is done with (journals of older
+                                                                    versions wrote "end" before the hand-out: an
+                                                                    "end" without this is handed out again)
     {"type": "cancel", "batch_ids": [...], "t": <unix>}            cancels requested (scheduler batches cancel)
 """
 

@@ -356,14 +356,14 @@ def print_estimate(result: Estimate, *, title: str, as_json: bool, plan: str | N
         lines.append("  online limits     " + "; ".join(f"{name}: {_limits(lim)}" for name, lim in known.items()))
     lines.append("")
     standard = next((f for f in result.tiers if f.tier == "standard"), None)
-    lines.append(f"  {'tier':<9} {'worst case':>11} {'expected':>11} {'vs standard':>11}  {'time the limits allow'}")
+    lines.append(f"  {'tier':<9}  {'worst case':>10}  {'expected':>10}  {'vs standard':>11}  time the limits allow")
     for f in result.tiers:
         saving = ""
         if standard is not None and f is not standard and f.expected_usd is not None and standard.expected_usd:
             saving = f"{f.expected_usd / standard.expected_usd - 1:+.0%}"
         time_text = _duration(f.seconds) if f.seconds is not None else ""
         note = f"{time_text}  {f.note}".strip() if time_text and f.note else time_text or f.note
-        lines.append(f"  {f.tier:<9} {_usd(f.worst_usd):>11} {_usd(f.expected_usd):>11} {saving:>11}  {note}")
+        lines.append(f"  {f.tier:<9}  {_usd(f.worst_usd):>10}  {_usd(f.expected_usd):>10}  {saving:>11}  {note}")
     lines.append("")
     lines.append(f"  expected: the prompts in full and {result.output_share:.0%} of the output reserved; worst case: "
                  "all of it, no cached input.")
