@@ -4,6 +4,7 @@ this test's event loop, so its counters can be read; its Batch API accelerated t
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 from collections import Counter
@@ -154,10 +155,10 @@ async def test_kill_9_while_polling_then_rerun_submits_no_batch_twice_and_writes
     tmp_path: Path,
 ) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    ids = write_chats(source, 30)
-    # Two batches: r0-r19 take 2 s in the mock, r20-r29 take 1 s; kill once the small one is written.
+    ids = write_chats(source, 50)
+    # Two batches: r0-r39 take 4 s in the mock, r40-r49 take 1 s; kill once the small one is written.
     async with mock(BatchMockConfig(step_s=0.01, lines_per_s=10)) as server:
-        cmd = run_cmd(source, output, server, *BATCH, "--batch-size", "20")
+        cmd = run_cmd(source, output, server, *BATCH, "--batch-size", "40")
         async with await anyio.open_process(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL) as process:
             with anyio.fail_after(30):
@@ -169,7 +170,7 @@ async def test_kill_9_while_polling_then_rerun_submits_no_batch_twice_and_writes
         assert types.count("batch") == 2 and types.count("delivered") == 1  # one batch still running: polled
         assert server.batches.creates == 2
 
-        done = await run(source, output, server, *BATCH, "--batch-size", "20")
+        done = await run(source, output, server, *BATCH, "--batch-size", "40")
         assert done.returncode == 0, done.stderr
         once(output, ids)  # 0 duplicate lines
         assert server.batches.creates == 2  # 0 batches submitted twice
@@ -178,14 +179,15 @@ async def test_kill_9_while_polling_then_rerun_submits_no_batch_twice_and_writes
 async def test_ctrl_c_leaves_the_batches_running_and_says_how_to_resume_or_cancel(tmp_path: Path) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_chats(source, 40)
-    async with mock(BatchMockConfig(step_s=0.01, lines_per_s=20)) as server:
+    # The batch takes 10 s: it is still running while the test looks at it and cancels it.
+    async with mock(BatchMockConfig(step_s=0.01, lines_per_s=4)) as server:
         cmd = run_cmd(source, output, server, *BATCH)
         async with await anyio.open_process(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE) as process:
             with anyio.fail_after(30):
                 while "batch" not in journal_types(output):
                     await anyio.sleep(0.02)
-            await anyio.sleep(0.3)  # some lines complete
+            await anyio.sleep(0.5)  # some lines complete
             process.send_signal(signal.SIGINT)
             code = await process.wait()
             assert process.stderr is not None
@@ -205,6 +207,7 @@ async def test_ctrl_c_leaves_the_batches_running_and_says_how_to_resume_or_cance
         assert cancel.returncode == 0, cancel.stderr
         assert batch_id.encode() in cancel.stdout and server.batches.cancels == 1
 
+        server.batches.config = dataclasses.replace(server.batches.config, batch=FAST)  # the next batch: at once
         done = await run(source, output, server, *BATCH)
         assert done.returncode == 0, done.stderr
         records = once(output, ids)
@@ -215,8 +218,8 @@ async def test_ctrl_c_leaves_the_batches_running_and_says_how_to_resume_or_cance
 
 async def test_flex_tier_retries_capacity_429s_apart_from_rate_limits(tmp_path: Path) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    ids = write_chats(source, 30, model=FLEX_MODEL)
-    async with mock(flex_capacity=0.5, seed=3) as server:
+    ids = write_chats(source, 20, model=FLEX_MODEL)
+    async with mock(flex_capacity=0.7, seed=3) as server:
         done = await run(source, output, server, "--tier", "flex")
         assert done.returncode == 0, done.stderr
         records = once(output, ids)

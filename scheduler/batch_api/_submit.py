@@ -58,6 +58,9 @@ class Submitter:
         self._hold_until = 0.0
         self._probing = False
         self._cancel_sent: set[str] = set()
+        #: batches of ours that ended, and how many had when each part was last submitted
+        self._ends = 0
+        self._ends_at_submit: dict[int, int] = {}
 
     async def submit_ready(self, parts: list[PartState]) -> list[tuple[PartState, str, str]]:
         """Submit the parts waiting, unless a token-limit refusal holds them back. Returns the parts the API
@@ -106,6 +109,7 @@ class Submitter:
                 part.file_id = file.id
                 log.info("batch_uploaded", part=part.number, file_id=file.id, bytes=len(data))
             attempt = part.tries + 1
+            self._ends_at_submit[part.number] = self._ends
             self._write({"type": "submit", "part": part.number, "try": attempt, "t": now_unix()})
             part.tries, part.in_doubt, part.submitted_t = attempt, True, now_unix()
             batch = await client.batches.create(
@@ -168,14 +172,18 @@ class Submitter:
         part.refusals += 1
         self.refusals += 1
         self._refusals_in_row += 1
-        self._held = self._probing = True
-        self._hold_until = self._s.clock.now() + self._s.refusal_backoff.delay(self._refusals_in_row, self._s.rng)
+        self._probing = True
         log.warning("batch_refused", part=part.number, batch_id=batch.id, code=TOKEN_LIMIT, detail=redact(message))
+        if self._ends > self._ends_at_submit.pop(part.number, self._ends):
+            return  # one of ours ended since it was submitted: the tokens that refused it are free now
+        self._held = True
+        self._hold_until = self._s.clock.now() + self._s.refusal_backoff.delay(self._refusals_in_row, self._s.rng)
 
     def batch_ended(self) -> None:
         """One of ours ended: the enqueued tokens it held are free again."""
         self._held = False
         self._refusals_in_row = 0
+        self._ends += 1
 
     def hold_s(self, running: bool) -> float | None:
         """With none of ours running, how long a refusal still holds new batches back (None: no hold)."""
