@@ -4,9 +4,12 @@ Each size gets a generated Batch API input in a temporary folder (never the repo
 own process with no limits and no latency, and one run of the CLI (``python -m scheduler run INPUT -o OUTPUT
 --base-url URL --rpm N --tpm N``) in a child process. Its peak RSS is the kernel's VmHWM of that process; RSS is
 also sampled while it runs, to show the curve over time.
-``--driver map`` runs ``pool.map`` over the streamed file instead of the CLI (the library alone).
+``--driver map`` runs ``pool.map`` over the streamed file instead of the CLI (the library alone). ``--tier batch``
+runs the CLI on the Batch API tier (``--tier batch``, files of 50,000 requests), the mock's batches answering at
+once: planning, the journal, downloads and the hand-out of results are what is measured.
 
-Usage: python benchmarks/bench_memory.py [--sizes 100000,1000000] [--driver cli|map] [--json PATH]
+Usage: python benchmarks/bench_memory.py [--sizes 100000,1000000] [--driver cli|map] [--tier standard|batch]
+[--json PATH]
 """
 
 from __future__ import annotations
@@ -100,33 +103,38 @@ def cli_available() -> bool:
     return probe.returncode == 0
 
 
-def run_size(lines: int, driver: str, folder: Path, rss_limit_mib: float) -> dict[str, Any]:
+def run_size(lines: int, driver: str, folder: Path, rss_limit_mib: float, tier: str = "standard"
+             ) -> dict[str, Any]:
     source, output = folder / f"input-{lines}.jsonl", folder / f"output-{lines}.jsonl"
     write_input(source, lines)
     output.unlink(missing_ok=True)
     env = {**os.environ, "OPENAI_API_KEY": "mock"}
-    with mock_server("--rpm", "none", "--tpm", "none") as base_url:
+    batches = ("--batch-step-s", "0.1", "--batch-lines-per-s", "10000000")
+    with mock_server("--rpm", "none", "--tpm", "none", *batches) as base_url:
         if driver == "cli":
             command = [sys.executable, "-m", "scheduler", "run", str(source), "-o", str(output),
-                       "--base-url", base_url, "--rpm", str(HIGH_RPM), "--tpm", str(HIGH_TPM)]
+                       "--base-url", base_url, "--rpm", str(HIGH_RPM), "--tpm", str(HIGH_TPM), "--tier", tier]
+            if tier == "batch":
+                command += ["--poll-interval", "0.5"]
         else:
             command = [sys.executable, __file__, "--inner-map", str(source), str(output), base_url]
         figures = measure(command, env, rss_limit_mib)
     written = sum(1 for _ in output.open("rb")) if output.exists() else 0
     source.unlink()
     output.unlink(missing_ok=True)
-    return {"driver": driver, "lines": lines, "written": written,
+    return {"driver": driver if tier == "standard" else f"{driver} --tier {tier}", "lines": lines, "written": written,
             "req_per_s": round(written / figures["wall_s"]) if figures["wall_s"] else None, **figures}
 
 
-def run(sizes: list[int], driver: str | None = None, rss_limit_mib: float = 4096) -> dict[str, Any]:
+def run(sizes: list[int], driver: str | None = None, rss_limit_mib: float = 4096, tier: str = "standard"
+        ) -> dict[str, Any]:
     """Every size, smallest first; returns the figures."""
     driver = driver or ("cli" if cli_available() else "map")
     where = machine()  # before the runs: the code they load is the code of this moment
     rows = []
     with tempfile.TemporaryDirectory(prefix="scheduler-bench-memory-") as folder:
         for lines in sizes:
-            rows.append(run_size(lines, driver, Path(folder), rss_limit_mib))
+            rows.append(run_size(lines, driver, Path(folder), rss_limit_mib, tier))
             print(table(rows[-1:], COLUMNS), flush=True)
             if rows[-1]["exit_code"] != 0:
                 print(rows[-1]["stderr_tail"], file=sys.stderr)
@@ -172,6 +180,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000", help="input lines, comma-separated")
     parser.add_argument("--driver", choices=("cli", "map"), help="default: the CLI if it is installed")
+    parser.add_argument("--tier", choices=("standard", "batch"), default="standard",
+                        help="the CLI's tier (batch: the Batch API, the mock's batches answering at once)")
     parser.add_argument("--rss-limit-mib", type=float, default=4096, help="kill a run whose RSS passes this")
     parser.add_argument("--json", type=Path, default=RESULTS / "memory.json")
     parser.add_argument("--inner-map", nargs=3, metavar=("INPUT", "OUTPUT", "BASE_URL"), help=argparse.SUPPRESS)
@@ -180,7 +190,7 @@ def main() -> None:
         source, output, base_url = args.inner_map
         asyncio.run(_map_run(Path(source), Path(output), base_url))
         return
-    out = run([int(size) for size in args.sizes.split(",") if size], args.driver, args.rss_limit_mib)
+    out = run([int(size) for size in args.sizes.split(",") if size], args.driver, args.rss_limit_mib, args.tier)
     write_json(args.json, out)
 
 

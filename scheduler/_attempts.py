@@ -3,9 +3,13 @@
 ::
 
     success (the endpoint's own shape)  -> result             429 rate limit -> pause all dispatch, retry (time-bounded)
-    200 not the answer, 5xx, 408, 409,  -> backoff, retry     429 capacity   -> backoff, retry (time-bounded), no pause
-    timeouts, dropped connections          (max_attempts)     quota, 401/403 -> stop the run
-    400, 404, 413, 422                  -> error result (a 404 moves on to the next fallback model)
+    200 not the answer, 5xx, 408, 409,  -> backoff, retry     429 capacity   -> backoff, retry (time-bounded), no pause;
+    timeouts, dropped connections          (max_attempts)                       a flex job may go to standard instead
+    400, 404, 413, 422                  -> error result       quota, 401/403 -> stop the run
+                                           (a 404 moves on to the next fallback model)
+
+Flex processing (``service_tier: "flex"``): an attempt waits up to ``flex_timeout_s`` (flex answers slowly), a
+result records the tier that served it (``Result.tier``, from the answer's ``service_tier``) and is priced at it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import asyncio
 import functools
 import random
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, Literal
 
 import structlog
 
@@ -27,7 +32,7 @@ from .admission import Mark
 from .cache import cache_key
 from .clock import Clock
 from .concurrency import AdaptiveConcurrency
-from .cost import PriceTable
+from .cost import TIERS, PriceTable, Tier
 from .dialects import read_limits, refusal_kind
 from .endpoints import EndpointState, Router
 from .fallbacks import Fallback
@@ -41,6 +46,12 @@ from .transport import Response, TransportFailure
 __all__ = ["Attempts"]
 
 log = structlog.get_logger("scheduler")
+
+#: what ``Pool(flex_fallback=...)`` may be: where a flex job that met a capacity 429 goes instead of waiting
+FlexFallback = Literal["standard"]
+# The service_tier that asks for standard processing explicitly ("auto" would take the project's default tier,
+# which may be another one): https://platform.openai.com/docs/api-reference/chat/create#service_tier
+_STANDARD_TIER = "default"
 
 
 class Attempts:
@@ -56,7 +67,8 @@ class Attempts:
         self, *, dispatcher: Dispatcher, settler: Settler, router: Router, fallbacks: Sequence[Fallback],
         counters: Counters, clock: Clock, rng: random.Random, backoff: Backoff, prices: PriceTable,
         cache: ResponseCache | None, flights: Flights, cache_scope: str, max_attempts: int,
-        max_rate_limited_s: float, request_timeout_s: float,
+        max_rate_limited_s: float, request_timeout_s: float, flex_timeout_s: float = 900.0,
+        flex_fallback: FlexFallback | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.settler = settler
@@ -73,6 +85,8 @@ class Attempts:
         self.max_attempts = max_attempts
         self.max_rate_limited_s = max_rate_limited_s
         self.request_timeout_s = request_timeout_s
+        self.flex_timeout_s = flex_timeout_s
+        self.flex_fallback = flex_fallback
         self.tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ running
@@ -126,9 +140,11 @@ class Attempts:
             await self.settler.internal_error(job, exc)
 
     def _timeout(self, job: Job) -> float:
+        # Flex answers slowly (OpenAI suggests allowing up to 15 minutes): its own timeout.
+        limit = self.flex_timeout_s if is_flex(job.body) else self.request_timeout_s
         if job.deadline is None:
-            return self.request_timeout_s
-        return max(0.001, min(self.request_timeout_s, job.deadline - self.clock.now()))
+            return limit
+        return max(0.001, min(limit, job.deadline - self.clock.now()))
 
     async def _observe(self, job: Job, state: EndpointState, response: Response | None, sent_at: float,
                        mark: Mark) -> None:
@@ -266,6 +282,10 @@ class Attempts:
             job.limited_since = now
         asked = retry_after_s(response.headers)
         if refusal.kind == "capacity":
+            self.counters.capacity_refused += 1
+            if self.flex_fallback == "standard" and is_flex(job.body):
+                self._flex_to_standard(job)
+                return
             delay = max(self.backoff.delay(job.attempts, self.rng), asked or 0.0)
             reason = "no capacity (429)"
         else:
@@ -320,6 +340,14 @@ class Attempts:
         else:
             self.dispatcher.requeue(job)
 
+    def _flex_to_standard(self, job: Job) -> None:
+        """Send a flex job that found no capacity once more, at once, at the standard tier (and its price)."""
+        log.info("job_flex_fallback", custom_id=job.custom_id, attempt=job.attempts)
+        job.body = {**job.body, "service_tier": _STANDARD_TIER}
+        job.limited_since = None
+        self.counters.flex_fallbacks += 1
+        self.dispatcher.requeue(job)
+
     def _fall_back(self, job: Job, reason: str) -> bool:
         """Requeue ``job`` against the next fallback model, with fresh attempts; False when none is left."""
         if job.route >= len(self.fallbacks):
@@ -346,21 +374,24 @@ class Attempts:
             return
         usage = Usage.from_body(response.body)
         c = self.counters
-        cost = None
+        cost = spent = None
+        tier = served_tier(job.body, response.body)
         if usage is not None:
             c.prompt_tokens += usage.prompt_tokens
             c.completion_tokens += usage.completion_tokens
             assert job.scope is not None
             await self._tell(job.scope.settle(job.costs, usage))
-            cost = self.prices.cost(job.model, usage)
+            cost = self.prices.cost(job.model, usage, tier=tier) if tier in TIERS else None
             if cost is not None:
                 c.cost_usd += cost
+            # A tier without a price (flex on a model not priced for it, priority): the budget counts standard.
+            spent = cost if cost is not None or tier == "standard" else self.prices.cost(job.model, usage)
         # An answer without usage may still have been billed: its worst case stays counted against the budget.
-        self.settler.release(job, uncertain=usage is None, spent=cost)
+        self.settler.release(job, uncertain=usage is None, spent=spent)
         result = Result(
             custom_id=job.custom_id, endpoint=job.endpoint, status=response.status, body=response.body,
             request_id=response.request_id, usage=usage, attempts=job.attempts,
-            latency_s=self.clock.now() - job.submitted_at, model=job.model, cost_usd=cost,
+            latency_s=self.clock.now() - job.submitted_at, model=job.model, cost_usd=cost, tier=tier,
             served_by=job.endpoint_state.label if job.endpoint_state is not None else None,
         )
         if job.cache_key is not None and self.cache is not None:
@@ -393,7 +424,7 @@ class Attempts:
                 custom_id=rider.custom_id, endpoint=rider.endpoint, status=response.status, body=body,
                 request_id=response.request_id, usage=share, attempts=rider.attempts + carrier.attempts,
                 latency_s=now - rider.submitted_at, model=carrier.model, cost_usd=cost, served_by=label,
-                coalesced=count,
+                tier=served_tier(carrier.body, response.body), coalesced=count,
             )
             if rider.cache_key is not None and self.cache is not None:
                 await self.cache.store(rider.cache_key, result)
@@ -416,6 +447,25 @@ class Attempts:
 
 # Statuses that may mean one input of a combined request is bad (too long, empty): the request is split.
 _INPUT_REFUSED = frozenset({400, 413, 422})
+
+
+def is_flex(body: Mapping[str, Any]) -> bool:
+    """Whether a request body asks for flex processing."""
+    return body.get("service_tier") == "flex"
+
+
+def served_tier(request: Mapping[str, Any], answer: Any) -> Tier | str:
+    """The tier that served an answer: its ``service_tier`` (the tier actually used, which may differ from the
+    one asked for), else the one asked for. ``default`` and ``auto`` are "standard"; other tiers (``priority``,
+    ``scale``) keep their names and have no price here."""
+    served = answer.get("service_tier") if isinstance(answer, dict) else None
+    if not isinstance(served, str):
+        served = request.get("service_tier")
+    if served == "flex":
+        return "flex"
+    if served in (None, _STANDARD_TIER, "auto"):
+        return "standard"
+    return str(served)
 
 
 def _describe(response: Response) -> str:

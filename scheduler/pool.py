@@ -28,7 +28,7 @@ import anyio
 import structlog
 
 from . import errors
-from ._attempts import Attempts
+from ._attempts import Attempts, FlexFallback
 from ._budget import Budget, cap_output
 from ._dispatch import Dispatcher, too_large
 from ._flights import Flights, ResponseCache
@@ -84,6 +84,11 @@ class Pool:
             counting the first. 429s do not count: they are bounded by ``max_rate_limited_s``.
         backoff: the jittered exponential backoff between retries.
         request_timeout_s: timeout of one HTTP attempt.
+        flex_timeout_s: timeout of one attempt of a flex request (``service_tier="flex"``): flex answers slowly,
+            and OpenAI suggests allowing up to 15 minutes.
+        flex_fallback: ``"standard"`` sends a flex request that met a 429 for missing capacity once more at once
+            at the standard tier (``service_tier="default"``, standard prices) instead of retrying it on flex after
+            a backoff (None, the default). Either way such a 429 is not a rate limit: dispatch does not pause.
         queue_size: jobs queued before ``submit`` waits (backpressure).
         sink: receives every result (e.g. :class:`~scheduler.JsonlSink`).
         default_max_tokens: output reservation charged for requests without an output cap (under a budget it
@@ -126,6 +131,8 @@ class Pool:
         max_attempts: int = 6,
         backoff: Backoff | None = None,
         request_timeout_s: float = 600.0,
+        flex_timeout_s: float = 900.0,
+        flex_fallback: FlexFallback | None = None,
         queue_size: int = 1024,
         sink: Sink | None = None,
         default_max_tokens: int = 1024,
@@ -154,6 +161,10 @@ class Pool:
             raise errors.ConfigurationError(f"budget_usd must be a number of dollars >= 0, got {budget_usd!r}")
         if not max_pause_s > 0 or not max_rate_limited_s > 0:
             raise errors.ConfigurationError("max_pause_s and max_rate_limited_s must be positive")
+        if not request_timeout_s > 0 or not flex_timeout_s > 0:
+            raise errors.ConfigurationError("request_timeout_s and flex_timeout_s must be positive")
+        if flex_fallback not in (None, "standard"):
+            raise errors.ConfigurationError(f"flex_fallback must be 'standard' or None, got {flex_fallback!r}")
         if endpoints and (client is not None or transport is not None):
             raise errors.ConfigurationError("give either client= (one endpoint) or endpoints=, not both")
         if not endpoints:
@@ -236,6 +247,7 @@ class Pool:
             counters=self._counters, clock=self._clock, rng=rng or random.Random(), backoff=backoff or Backoff(),
             prices=self.prices, cache=self._cache, flights=self._flights, cache_scope=self._cache_scope,
             max_attempts=max_attempts, max_rate_limited_s=max_rate_limited_s, request_timeout_s=request_timeout_s,
+            flex_timeout_s=flex_timeout_s, flex_fallback=flex_fallback,
         )
         self._loop_task: asyncio.Task[None] | None = None
         self._feeders: set[asyncio.Task[None]] = set()
@@ -513,7 +525,7 @@ class Pool:
             uncertain_usd=budget.uncertain_usd if budget else 0.0, cache_hits=c.cache_hits,
             cache_misses=c.cache_misses, cache_saved_usd=c.cache_saved_usd, fallbacks=c.fallbacks, pauses=c.pauses,
             internal_errors=c.internal_errors, coalesced_requests=c.coalesced_requests,
-            coalesced_jobs=c.coalesced_jobs,
+            coalesced_jobs=c.coalesced_jobs, capacity_refused=c.capacity_refused, flex_fallbacks=c.flex_fallbacks,
             scopes=tuple(ScopeStatistics(s.endpoint.split("|")[0], s.model_name, s.snapshot(), s.ratio)
                          for s in scopes),
             endpoints=tuple(

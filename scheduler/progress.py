@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.live import Live
 
+    from .batch_api import BatchRunStatistics
     from .results import Result
     from .statistics import PoolStatistics
 
@@ -44,6 +45,10 @@ class RunCounts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    #: cost of the results of each tier that served them ("standard", "flex", "batch")
+    cost_by_tier: dict[str, float] = field(default_factory=dict)
+    #: what the results with a known cost would have cost at standard prices (for the saving of cheaper tiers)
+    standard_usd: float = 0.0
     #: the limits the server announced (x-ratelimit-limit-*), shown where the pool was given none
     server_rpm: int | None = None
     server_tpm: int | None = None
@@ -56,8 +61,9 @@ class RunCounts:
     def done(self) -> int:
         return self.succeeded + self.failed
 
-    def add(self, result: Result, written: bool) -> None:
-        """Count one result; ``written`` says whether it went to the output."""
+    def add(self, result: Result, written: bool, standard_usd: float | None = None) -> None:
+        """Count one result; ``written`` says whether it went to the output, ``standard_usd`` what it would have
+        cost at standard prices (default: its cost)."""
         if not written:
             self.not_run += 1
         elif result.error is None:
@@ -69,7 +75,11 @@ class RunCounts:
             self.prompt_tokens += result.usage.prompt_tokens
             self.completion_tokens += result.usage.completion_tokens
         # The pool prices results from its list prices (scheduler.cost); None for models it has no price for.
-        self.cost_usd += result.cost_usd or 0.0
+        if result.cost_usd is not None:
+            self.cost_usd += result.cost_usd
+            tier = result.tier or "standard"
+            self.cost_by_tier[tier] = self.cost_by_tier.get(tier, 0.0) + result.cost_usd
+            self.standard_usd += result.cost_usd if standard_usd is None else standard_usd
 
 
 @dataclass(slots=True)
@@ -116,6 +126,9 @@ class Progress:
         self.started = clock()
         self._rate = _Rate(self.started)
         self._stats: Callable[[], PoolStatistics] | None = None
+        self._batches: Callable[[], BatchRunStatistics] | None = None
+        #: the tier the run works on now (shown beside the cost)
+        self.tier = "standard"
         self._console: Console | None = None
         self._live: Live | None = None
         if live and not quiet:
@@ -132,9 +145,19 @@ class Progress:
         """The rich console of the live display (None when writing JSON lines)."""
         return self._console
 
-    async def watch(self, stats: Callable[[], PoolStatistics]) -> None:
-        """Refresh the display (or write a status line) until cancelled."""
+    def follow(self, stats: Callable[[], PoolStatistics] | None) -> None:
+        """Show the pool's figures from now on (None: no pool)."""
         self._stats = stats
+
+    def follow_batches(self, batches: Callable[[], BatchRunStatistics] | None) -> None:
+        """Show a batch run's batches from now on (None: none)."""
+        self._batches = batches
+
+    async def watch(self, stats: Callable[[], PoolStatistics] | None = None) -> None:
+        """Refresh the display (or write a status line) until cancelled; ``stats``: the pool's figures, if any
+        (see :meth:`follow`, :meth:`follow_batches`)."""
+        if stats is not None:
+            self._stats = stats
         if self.quiet:
             return
         if self._live is None:
@@ -164,7 +187,16 @@ class Progress:
             "elapsed_s": round(now - self.started, 1),
             "eta_s": round(remaining / rate, 1) if rate else None,
             "cost_usd": round(counts.cost_usd, 6),
+            "tier": self.tier,
         }
+        if self._batches is not None:
+            run = self._batches()
+            figures.update(
+                batch_requests_left=run.requests_left,
+                batch_refusals=run.refusals,
+                batches=[{"part": b.part, "batch_id": b.batch_id, "status": b.status, "completed": b.completed,
+                          "failed": b.failed, "total": b.total} for b in run.batches],
+            )
         stats = self._stats() if self._stats is not None else None
         if stats is not None:
             limits = stats.limits
@@ -174,6 +206,8 @@ class Progress:
                 retries=stats.retries,
                 rate_limited=stats.rate_limited,
                 pauses=stats.pauses,
+                capacity_refused=stats.capacity_refused,
+                flex_fallbacks=stats.flex_fallbacks,
                 requests_per_minute=round(stats.requests_per_minute),
                 rpm_limit=(limits.rpm if limits is not None else None) or counts.server_rpm,
                 tokens_per_minute=round(stats.tokens_per_minute),
@@ -200,17 +234,25 @@ class Progress:
             Text(f"{f['done']:,}/{f['total']:,}  {share:.0%}", style="bold"),
             Text(f"ETA {_duration(f['eta_s'])}  elapsed {_duration(f['elapsed_s'])}", style="dim"),
         )
-        grid = Table.grid(padding=(0, 3))
-        grid.add_row(
-            f"requests/min [bold]{f.get('requests_per_minute', 0):,}[/] / {_limit(f.get('rpm_limit'))}",
-            f"tokens/min [bold]{f.get('tokens_per_minute', 0):,}[/] / {_limit(f.get('tpm_limit'))}",
-        )
-        grid.add_row(
-            f"in flight [bold]{f.get('in_flight', 0)}[/]   queued {f.get('queued', 0)}",
-            f"retries {f.get('retries', 0)}   429s {f.get('rate_limited', 0)}   pauses {f.get('pauses', 0)}   "
-            f"failed [{'red' if f['failed'] else 'green'}]{f['failed']}[/]   cost ~${f['cost_usd']:.4f}",
-        )
-        return Group(Text(self.title, style="bold cyan"), bar, grid)
+        failed = f"failed [{'red' if f['failed'] else 'green'}]{f['failed']}[/]"
+        cost = f"{failed}   cost ~${f['cost_usd']:.4f} ({f['tier']})"
+        parts: list[RenderableType] = [Text(self.title, style="bold cyan"), bar]
+        if "batches" in f:
+            parts.append(_batch_table(f["batches"], cost))
+        if "in_flight" in f:
+            grid = Table.grid(padding=(0, 3))
+            grid.add_row(
+                f"requests/min [bold]{f.get('requests_per_minute', 0):,}[/] / {_limit(f.get('rpm_limit'))}",
+                f"tokens/min [bold]{f.get('tokens_per_minute', 0):,}[/] / {_limit(f.get('tpm_limit'))}",
+            )
+            capacity = f"   no capacity {f['capacity_refused']}" if f.get("capacity_refused") else ""
+            grid.add_row(
+                f"in flight [bold]{f.get('in_flight', 0)}[/]   queued {f.get('queued', 0)}",
+                f"retries {f.get('retries', 0)}   429s {f.get('rate_limited', 0)}{capacity}   "
+                f"pauses {f.get('pauses', 0)}   {cost}",
+            )
+            parts.append(grid)
+        return Group(*parts)
 
     # ------------------------------------------------------------------ the end
 
@@ -246,6 +288,26 @@ class Progress:
         self._console.print(message, style=style, highlight=False, markup=False)
 
 
+_BATCH_ROWS = 8  # batches shown; the rest are summed up in one line
+
+
+def _batch_table(batches: list[dict[str, Any]], cost: str) -> RenderableType:
+    """The batches of a run: the unfinished ones first (up to a few), then a line for the rest."""
+    from rich.table import Table
+
+    table = Table.grid(padding=(0, 2))
+    ended = ("completed", "failed", "expired", "cancelled")
+    shown = sorted(batches, key=lambda b: (b["status"] in ended, b["part"]))[:_BATCH_ROWS]
+    for b in shown:
+        table.add_row(f"batch {b['part']}", b["batch_id"] or "-", f"[bold]{b['status']}[/]",
+                      f"{b['completed']:,}/{b['total']:,} done", f"{b['failed']:,} failed" if b["failed"] else "")
+    if len(batches) > len(shown):
+        done = sum(1 for b in batches if b["status"] in ended)
+        table.add_row(f"... {len(batches) - len(shown)} more", "", f"{done} of {len(batches)} ended", "", "")
+    table.add_row("", "", "", "", cost)
+    return table
+
+
 def _write_json(line: dict[str, Any]) -> None:
     sys.stderr.buffer.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
     sys.stderr.buffer.flush()
@@ -275,13 +337,19 @@ def _usd(value: Any) -> str:
     return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
 
 
+def _by_tier(value: Any) -> str:
+    return ", ".join(f"{tier} {_usd(usd)}" for tier, usd in value.items())
+
+
 #: rows of the summary table left out when zero
 _ONLY_IF_ANY = frozenset({"already_done", "invalid_lines", "not_done", "truncated", "retries", "rate_limited",
-                          "pauses", "earlier_cost_usd"})
+                          "pauses", "earlier_cost_usd", "capacity_refused", "flex_fallbacks", "batches",
+                          "batch_refusals", "batch_retried", "batches_running", "saved_usd"})
 #: the summary table's rows: the JSON summary's keys, with what a person reads for them
 _LABELS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "input": ("input", str),
     "output": ("output", str),
+    "tier": ("tier", str),
     "requests": ("requests in the input", _number),
     "already_done": ("already done by earlier runs", _number),
     "succeeded": ("succeeded", _number),
@@ -294,8 +362,16 @@ _LABELS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "retries": ("retries", _number),
     "rate_limited": ("429 answers", _number),
     "pauses": ("pauses for a 429", _number),
+    "capacity_refused": ("429s for missing capacity (flex)", _number),
+    "flex_fallbacks": ("flex requests sent at standard", _number),
+    "batches": ("batches", _number),
+    "batch_refusals": ("batches refused for the token limit", _number),
+    "batch_retried": ("lines retried in a later batch", _number),
+    "batches_running": ("batches still running", _number),
     "token_ratio": ("server tokens per token of our estimate", lambda v: f"{v:.3f}"),
     "cost_usd": ("cost of this run", _usd),
+    "cost_by_tier": ("cost by tier", _by_tier),
+    "saved_usd": ("saved against standard prices", _usd),
     "earlier_cost_usd": ("cost of earlier runs", _usd),
     "first_request_s": ("first request sent after", _seconds),
     "elapsed_s": ("elapsed", _seconds),

@@ -56,7 +56,7 @@ class PoolStatistics:
     failed: int
     #: attempts that will be (or were) made again
     retries: int
-    #: 429 rate_limit_exceeded answers
+    #: 429 rate_limit_exceeded answers (a shortage of capacity is counted in ``capacity_refused``)
     rate_limited: int
     #: HTTP attempts made, answered or not
     attempts: int
@@ -100,6 +100,11 @@ class PoolStatistics:
     scopes: tuple[ScopeStatistics, ...] = ()
     #: every endpoint of the pool
     endpoints: tuple[EndpointStatistics, ...] = ()
+    #: 429s for a shortage of capacity (flex ``resource_unavailable``, an overloaded server): backed off, not a
+    #: sign to slow down
+    capacity_refused: int = 0
+    #: flex jobs sent at the standard tier after a capacity 429 (``Pool(flex_fallback="standard")``)
+    flex_fallbacks: int = 0
 
 
 class Counters:
@@ -110,6 +115,7 @@ class Counters:
         "cache_hits",
         "cache_misses",
         "cache_saved_usd",
+        "capacity_refused",
         "charged_tokens",
         "coalesced_jobs",
         "coalesced_requests",
@@ -117,6 +123,7 @@ class Counters:
         "cost_usd",
         "failed",
         "fallbacks",
+        "flex_fallbacks",
         "in_flight",
         "internal_errors",
         "pauses",
@@ -134,6 +141,7 @@ class Counters:
         self.charged_tokens = self.truncated = self.internal_errors = self.pauses = 0
         self.cache_hits = self.cache_misses = self.fallbacks = 0
         self.coalesced_requests = self.coalesced_jobs = 0
+        self.capacity_refused = self.flex_fallbacks = 0
         self.cost_usd = self.cache_saved_usd = 0.0
 
 

@@ -7,6 +7,7 @@ import contextlib
 import random
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -448,6 +449,42 @@ async def test_stop_cuts_over_handing_back_what_did_not_finish(tmp_path: Path) -
         assert server.batches.creates == 2 and server.batches.cancels == 2
         statuses = {(await client.batches.retrieve(i)).status for i in server.batches.batch_ids()}
         assert statuses == {"cancelled"}
+
+
+@pytest.mark.anyio
+async def test_lines_a_running_batch_completed_are_not_counted_as_left(tmp_path: Path) -> None:
+    # What is left decides when the auto tier cuts over: lines a running batch completed are collected by the cut.
+    async with mock(BatchMockConfig(step_s=0.01, lines_per_s=20)) as (_, client):
+        batch_run = run(chats(40), client, tmp_path / "s")
+        task = asyncio.ensure_future(collect(batch_run))
+        for _ in range(500):
+            stats = batch_run.statistics()
+            if stats.batches and 0 < stats.batches[0].completed < 40:
+                break
+            await asyncio.sleep(0.01)
+        assert stats.finished == 0 and stats.requests_left == 40 - stats.batches[0].completed
+        await asyncio.wait_for(task, 10)
+        assert batch_run.statistics().requests_left == 0
+
+
+@pytest.mark.anyio
+async def test_planning_memory_does_not_grow_with_the_input(tmp_path: Path) -> None:
+    # Stopped before it starts, a run plans every line and submits none: no API call, only the planning's memory.
+    async def peak(count: int) -> int:
+        requests = (chat(i) for i in range(count))  # a stream, as the CLI reads its input
+        batch_run = run(requests, openai.AsyncOpenAI(api_key="x", base_url="http://127.0.0.1:9"),
+                        tmp_path / f"s{count}", limits=BatchLimits(max_requests=5_000))
+        batch_run.stop()
+        tracemalloc.start()
+        try:
+            assert await collect(batch_run) == []
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = await peak(5_000), await peak(50_000)
+    # Ten times the lines: the ids' hashes (8 bytes a line) grow, nothing else does.
+    assert large < small + 50_000 * 40, (small, large)
 
 
 @pytest.mark.anyio

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import orjson
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -118,3 +119,18 @@ def test_litellm_config_limits_are_rewritten(bench: dict[str, ModuleType]) -> No
     text = bench_litellm.config_text(bench_litellm.DEFAULT_CONFIG, tpm=100)
     assert "      tpm: 100\n" in text and "      rpm: 600\n" in text
     assert bench_litellm.master_key(text).startswith("sk-")
+
+
+def test_tiers_benchmark_reports_cost_and_time_per_tier(tmp_path: Path) -> None:
+    result = tmp_path / "tiers.json"
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_tiers.py"), "--requests", "40", "--tiers", "standard,batch",
+         "--batch-size", "20", "--batch-lines-per-s", "200", "--latency-ms", "5", "--json", str(result)],
+        capture_output=True, text=True, env=env, cwd=BENCHMARKS, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["tier"]: row for row in orjson.loads(result.read_bytes())["rows"]}
+    assert rows["standard"]["served"] == "standard 40" and rows["batch"]["served"] == "batch 40"
+    assert rows["batch"]["vs_standard"] == "-50%" and rows["batch"]["batches_created"] == 2
+    assert rows["batch"]["online_requests"] == 0 and rows["batch"]["duplicate_lines"] == 0

@@ -8,6 +8,7 @@ import anyio
 import orjson
 import pytest
 
+from scheduler.batch_api import BatchProgress, BatchRunStatistics
 from scheduler.limits import Limits
 from scheduler.pool import PoolStatistics
 from scheduler.progress import Progress, RunCounts
@@ -72,3 +73,50 @@ def test_counts_tell_truncated_answers_and_jobs_not_run() -> None:
     counts.add(Result(custom_id="b", endpoint="/v1/chat/completions", status=200, body={}), written=True)
     counts.add(Result(custom_id="c", endpoint="/v1/chat/completions", status=None, body=None), written=False)
     assert (counts.succeeded, counts.truncated, counts.not_run, counts.done) == (2, 1, 1, 2)
+
+
+def batch_statistics(*batches: BatchProgress) -> BatchRunStatistics:
+    return BatchRunStatistics(requests=sum(b.total for b in batches), finished=0, succeeded=0, failed=0, skipped=0,
+                              retried=0, refusals=1, cost_usd=0.0, requests_left=70, tokens_left=0,
+                              batches=batches)
+
+
+async def test_a_batch_run_shows_each_batch_and_the_cost_at_the_tier_that_served(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    counts = RunCounts(lines=100)
+    batch = Result(custom_id="a", endpoint="/v1/chat/completions", status=200, body={}, cost_usd=0.5, tier="batch")
+    counts.add(batch, written=True, standard_usd=1.0)
+    progress = Progress(counts, title="t", live=False, interval_s=0.01)
+    progress.tier = "batch"
+    running = BatchProgress(2, "batch_b", "in_progress", 50, 20, 1)
+    progress.follow_batches(lambda: batch_statistics(BatchProgress(1, "batch_a", "completed", 50, 50, 0), running))
+    lines: list[str] = []
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(progress.watch)
+        with anyio.fail_after(10):
+            while not lines:
+                await anyio.sleep(0.01)
+                lines = [line for line in capsys.readouterr().err.splitlines() if line]
+        tasks.cancel_scope.cancel()
+    line = orjson.loads(lines[0])
+    assert line["tier"] == "batch" and line["cost_usd"] == 0.5 and line["batch_refusals"] == 1
+    assert line["batches"][1] == {"part": 2, "batch_id": "batch_b", "status": "in_progress", "completed": 20,
+                                  "failed": 1, "total": 50}
+    assert "in_flight" not in line  # no pool: no online figures
+    assert counts.cost_by_tier == {"batch": 0.5} and counts.standard_usd == 1.0
+
+
+def test_the_live_display_lists_the_running_batches_first() -> None:
+    from rich.console import Console
+
+    progress = Progress(RunCounts(lines=10), title="t", live=False)
+    progress.follow_batches(lambda: batch_statistics(
+        *(BatchProgress(n, f"batch_{n}", "completed", 1, 1, 0) for n in range(1, 12)),
+        BatchProgress(12, "batch_12", "in_progress", 5, 2, 0),
+    ))
+    console = Console(width=120, record=True)
+    console.print(progress._render())
+    text = console.export_text()
+    assert "batch_12" in text and "in_progress" in text and "2/5 done" in text
+    assert "4 more" in text and "11 of 12 ended" in text  # the first rows: the running one, then the ended

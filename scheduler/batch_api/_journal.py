@@ -22,12 +22,16 @@ Records (``"type"`` first; ``part`` numbers a request file, ``try`` the submissi
     {"type": "end", "part": 3, "batch_id": "...", "status": "completed", "output_file_id": "...",
      "error_file_id": "...", "created_at": <unix>, "ended_at": <unix>, "stopped": false,
      "succeeded": 495, "failed": 2, "cost_usd": 0.0123, "retry": ["id-7", ...]}
-                                                                    the batch ended; its lines with a final result
-                                                                    are in its files, "retry" need another batch;
-                                                                    "stopped": cancelled by a cut-over. A part the
-                                                                    API failed as a whole has "status": "failed"
-                                                                    and "errors": {"code", "message"} instead
-    {"type": "delivered", "part": 3}                               every final result of the part was handed out
+                                                                    the batch ended and its final results were
+                                                                    handed out (a crash before this record: the
+                                                                    next run judges its files again); its lines
+                                                                    in "retry" need another batch; "stopped":
+                                                                    cancelled by a cut-over. A part the API failed
+                                                                    as a whole has "status": "failed" and
+                                                                    "errors": {"code", "message"} instead
+    {"type": "delivered", "part": 3}                               the part is done with (journals of older
+                                                                    versions wrote "end" before the hand-out: an
+                                                                    "end" without this is handed out again)
     {"type": "cancel", "batch_ids": [...], "t": <unix>}            cancels requested (scheduler batches cancel)
 """
 
@@ -50,7 +54,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, one run a state file is up to the user
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Journal", "JournalState", "PartState", "parts_dir", "replay"]
+__all__ = ["Journal", "JournalState", "PartState", "parts_dir", "read_records", "replay"]
 
 log = structlog.get_logger("scheduler")
 
@@ -96,17 +100,7 @@ class Journal:
     def _read(self, file: IO[bytes]) -> list[dict[str, Any]]:
         file.seek(0)
         data = file.read()
-        records: list[dict[str, Any]] = []
-        end = 0
-        for number, raw in enumerate(data.splitlines(keepends=True), 1):
-            record = _record(raw)
-            if record is None and raw.endswith(b"\n") and raw.strip():
-                raise ConfigurationError(f"{str(self.path)!r} line {number} is not a journal record: is it a batch "
-                                         "state file?")
-            if record is None or not raw.endswith(b"\n"):
-                break  # a torn last line: its action never started
-            records.append(record)
-            end += len(raw)
+        records, end = _parse(self.path, data)
         if end < len(data):
             log.warning("batch_journal_repaired", file=str(self.path), removed_bytes=len(data) - end)
             file.truncate(end)
@@ -127,6 +121,40 @@ class Journal:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of the journal at ``path``, read without locking or repairing it (a run may be writing it).
+
+    Raises:
+        ConfigurationError: there is no such file, or a line before the last is not a record.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigurationError(f"no batch state at {str(path)!r}: no batch run wrote this output") from None
+    return _parse(path, data)[0]
+
+
+def _parse(path: Path, data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The whole records of ``data`` and the offset where they end (a torn last line is not one).
+
+    Raises:
+        ConfigurationError: a line before the last is not a record.
+    """
+    records: list[dict[str, Any]] = []
+    end = 0
+    for number, raw in enumerate(data.splitlines(keepends=True), 1):
+        record = _record(raw)
+        if record is None and raw.endswith(b"\n") and raw.strip():
+            raise ConfigurationError(f"{str(path)!r} line {number} is not a journal record: is it a batch "
+                                     "state file?")
+        if record is None or not raw.endswith(b"\n"):
+            break  # a torn last line: its action never started
+        records.append(record)
+        end += len(raw)
+    return records, end
 
 
 def _record(raw: bytes) -> dict[str, Any] | None:

@@ -2,7 +2,9 @@
 
 ::
 
-    scheduler run          a resumable bulk run of a JSONL file            (run.py)
+    scheduler run          a resumable bulk run of a JSONL file            (run.py; the Batch API tiers: tiers.py)
+    scheduler estimate     its cost and time on each tier, nothing sent    (estimate.py)
+    scheduler batches      status and cancel of a run's Batch API batches  (batches.py)
     scheduler mock-server  the built-in OpenAI-compatible mock server      (mock_server.py)
     scheduler enqueue | worker | collect   bulk runs over a Redis Stream   (distributed.py)
 
@@ -16,7 +18,7 @@ import argparse
 import os
 import sys
 
-from . import distributed, mock_server, run
+from . import batches, distributed, estimate, mock_server, run
 
 __all__ = ["main"]
 
@@ -54,6 +56,8 @@ def parser(*, with_mock_options: bool = False) -> argparse.ArgumentParser:
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(commands)
+    estimate.add_parser(commands)
+    batches.add_parser(commands)
     mock_server.add_parser(commands, with_options=with_mock_options)
     distributed.add_parser(commands)
     for command in commands.choices.values():

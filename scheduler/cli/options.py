@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import re
 import sys
+import time
 
 from ..limits import Limits
 from ..logs import register_secret
 
 __all__ = [
-    "DEFAULT_MODEL", "NO_KEY", "UsageError", "api_settings", "dollars", "fail", "model_limit", "positive_int",
-    "seconds",
+    "DEFAULT_MODEL", "NO_KEY", "TIER_CHOICES", "UsageError", "api_settings", "batch_state", "deadline", "dollars",
+    "fail", "model_limit", "positive_int", "seconds", "share",
 ]
 
 DEFAULT_MODEL = "gpt-4o-mini"
 #: the key sent to a server of your own when OPENAI_API_KEY is not set (vLLM's documentation uses it)
 NO_KEY = "EMPTY"
+
+
+#: what ``--tier`` takes: a service tier, or ``auto`` (the Batch API, then online before a deadline)
+TIER_CHOICES = ("standard", "flex", "batch", "auto")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT_S = {"d": 86_400.0, "h": 3_600.0, "m": 60.0, "s": 1.0}
 
 
 class UsageError(Exception):
@@ -69,6 +78,36 @@ def dollars(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
+
+
+def share(text: str) -> float:
+    """argparse type: a share between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def deadline(text: str) -> float:
+    """argparse type: when work must be done, as Unix time: a duration from now (``6h``, ``90m``, ``45s``,
+    ``1h30m``, ``2d``) or an ISO 8601 time (``2025-06-01T18:00``, local time unless it names its zone)."""
+    compact = text.strip().lower().replace(" ", "")
+    if compact and _DURATION.sub("", compact) == "":
+        return time.time() + sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(compact))
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration (6h, 90m, 45s, 1h30m) nor an ISO time (2025-06-01T18:00): {text!r}") from None
+    return moment.timestamp()  # a naive time is local time
+
+
+def batch_state(output: str | os.PathLike[str]) -> str:
+    """The batch journal beside an output file: ``OUT.batches`` (its request files go in ``OUT.batches.parts``)."""
+    return os.fspath(output) + ".batches"
 
 
 def api_settings(base_url: str | None) -> tuple[str, str | None]:

@@ -1,5 +1,9 @@
 """``scheduler run``: a resumable bulk run of a JSONL file through a pool, with live progress.
 
+``--tier`` picks where the requests run: ``standard`` (online), ``flex`` (online, ``service_tier: "flex"``),
+``batch`` (the Batch API) or ``auto`` (the Batch API, then online before ``--deadline``); the Batch API's flow is
+in :mod:`.tiers`. ``--dry-run`` prints what the run would cost (:mod:`.estimate`) and sends nothing.
+
 Exit codes: 0 every request succeeded, 1 some failed, 2 unusable input or arguments (nothing sent), 3 a
 run-fatal error stopped the run (quota, a refused key, the budget, the output that cannot be written, the shared
 limit's Redis gone), 130 interrupted (Ctrl-C). A stopped run resumes when the same command runs again.
@@ -15,33 +19,35 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import anyio
 import structlog
 
 from ..errors import BudgetExhausted, SchedulerError
-from ..jsonl import (
-    InputScan,
-    OutputScan,
-    line_custom_id,
-    line_hash,
-    parse_line,
-    read_lines,
-    request_hash,
-    scan_input,
-    scan_output,
-)
+from ..jsonl import InputScan, OutputScan, scan_input, scan_output
 from ..limits import Limits
 from ..logs import configure_logging
 from ..output import OutputLocked, OutputUnwritable, OutputWriter
 from ..pool import Pool
 from ..progress import Progress, RunCounts
 from ..requests import Request
-from .options import DEFAULT_MODEL, UsageError, api_settings, dollars, fail, model_limit, positive_int, seconds
+from .estimate import dry_run
+from .options import (
+    DEFAULT_MODEL,
+    TIER_CHOICES,
+    UsageError,
+    api_settings,
+    deadline,
+    dollars,
+    fail,
+    model_limit,
+    positive_int,
+    seconds,
+)
 from .runtime import (
     CurrentStderr,
     FirstSend,
@@ -49,10 +55,16 @@ from .runtime import (
     Recorder,
     RunState,
     WarmEstimator,
+    input_requests,
     process_age,
     warm_up,
 )
+from .tiers import check_tier_arguments, flex_extra, run_batches, saving, tier_figures
 from .verdict import SIGNAL_EXIT, refusal, verdict
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
 
 __all__ = ["add_parser"]
 
@@ -63,6 +75,8 @@ _MOCK_RPM = 30_000
 _MOCK_TPM = 50_000_000
 _MOCK_LATENCY_MS = 50.0
 _MOCK_KEY = "mock-key"
+# The default longest wait between two polls of running batches.
+_POLL_S = 60.0
 # Requests submitted beyond those in flight: they wait in the pool's queue, where priorities order them.
 _READ_AHEAD = 1024
 _REDIS_UNAVAILABLE = "shared_limit_unavailable"
@@ -86,6 +100,22 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add("--limit", type=model_limit, action="append", default=[], metavar="MODEL=RPM,TPM",
         help="a model's own limits (repeatable); --rpm/--tpm are the limits of every model not named. Each model "
         "has buckets of its own, as OpenAI limits each model separately")
+    add("--tier", choices=TIER_CHOICES, default="standard",
+        help="standard (default); flex: online at about batch prices, slower, may wait for capacity; batch: the "
+        "Batch API, half price, results within 24 h; auto: the Batch API, then what is left online in time for "
+        "--deadline")
+    add("--deadline", type=deadline, metavar="WHEN",
+        help="for --tier auto: when everything must be done, a duration from now (6h, 90m, 45s) or an ISO time "
+        "(2025-06-01T18:00, local time)")
+    add("--flex-fallback", choices=["standard"],
+        help="--tier flex: send a request that flex has no capacity for at the standard tier instead of waiting "
+        "(--tier auto always does)")
+    add("--dry-run", action="store_true",
+        help="print the requests, tokens, cost and time of the plan (as scheduler estimate) and send nothing")
+    add("--batch-size", type=positive_int, default=50_000, metavar="N",
+        help="batch tiers: requests per batch input file (default and most: 50,000)")
+    add("--poll-interval", type=seconds, default=_POLL_S, metavar="SECONDS",
+        help=f"batch tiers: the longest wait between two polls of running batches (default {_POLL_S:g})")
     add("--workers", type=positive_int, default=64, help="most requests in flight (default 64)")
     add("--max-attempts", type=positive_int, default=6, help="attempts per request (default 6)")
     add("--base-url", help="API base URL (default: OPENAI_BASE_URL, else OpenAI's)")
@@ -144,6 +174,26 @@ class Plan:
     quiet: bool = False
     #: limits of particular models
     model_limits: tuple[tuple[str, Limits], ...] = ()
+    #: standard, flex, batch or auto
+    tier: str = "standard"
+    #: the auto tier's deadline, as Unix time
+    deadline_unix: float | None = None
+    flex_fallback: str | None = None
+    dry_run: bool = False
+    #: requests per Batch API input file
+    batch_size: int = 50_000
+    #: the longest wait between two polls of running batches
+    poll_s: float = _POLL_S
+
+    def online_limits(self) -> Limits | None:
+        """The online limits of the run's model (its own --limit, else --rpm/--tpm, else the built-in mock's),
+        None when none are known."""
+        own = dict(self.model_limits).get(self.model)
+        if own is not None:
+            return own
+        if self.rpm or self.tpm:
+            return Limits(rpm=self.rpm, tpm=self.tpm)
+        return Limits(rpm=_MOCK_RPM, tpm=_MOCK_TPM) if self.mock else None
 
 
 class _StartFailed(Exception):
@@ -203,8 +253,13 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
         raise _StartFailed(problem)
     counts = state.counts
     counts.lines, counts.skipped = scan.lines, scan.done
+    if plan.dry_run:
+        dry_run(plan, prior, scan)
+        writer.discard_if_unused()
+        return 0
     where = f"{plan.model}, mock server" if plan.mock else plan.model
-    title = f"scheduler run  {plan.input} -> {plan.output}  ({where})"
+    tier = "" if plan.tier == "standard" else f", {plan.tier} tier"
+    title = f"scheduler run  {plan.input} -> {plan.output}  ({where}{tier})"
     progress = Progress(counts, title=title, live=live, quiet=plan.quiet)
     budget_left = None if plan.budget_usd is None else plan.budget_usd - prior.spent_usd
     if counts.to_do > 0 and budget_left is not None and budget_left <= 0:
@@ -222,7 +277,11 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
         "retries": stats.retries if stats else 0, "rate_limited": stats.rate_limited if stats else 0,
         "pauses": stats.pauses if stats else 0,
         "token_ratio": round(stats.token_ratio, 3) if stats and stats.token_ratio != 1.0 else None,
+        "capacity_refused": stats.capacity_refused if stats else 0,
+        "flex_fallbacks": stats.flex_fallbacks if stats else 0,
+        **tier_figures(plan, state),
         "cost_usd": round(counts.cost_usd, 6),
+        **saving(counts),
         "earlier_cost_usd": round(prior.spent_usd, 6),
         "first_request_s": round(first - state.started, 3) if first is not None else None,
         "elapsed_s": round(time.monotonic() - state.started, 3), "exit_code": code,
@@ -256,82 +315,108 @@ def _plan(args: argparse.Namespace) -> Plan:
         raise UsageError("--cache redis keeps the cache in the --redis server: give --redis URL")
     if args.prices is not None and not args.prices.is_file():
         raise UsageError(f"no such prices file: {args.prices}")
+    check_tier_arguments(args)
     return Plan(source, output, args.model, key, base_url, args.mock, args.rpm, args.tpm, args.workers,
                  args.max_attempts, args.redis, args.redis_grace, args.budget, args.prices, args.cache,
                  tuple(args.fallback), args.metrics_port, args.rerun_changed, args.echo_request, args.quiet,
-                 tuple(args.limit))
+                 tuple(args.limit), args.tier, args.deadline, args.flex_fallback, args.dry_run, args.batch_size,
+                 args.poll_interval)
 
 
 async def _execute(
     plan: Plan, writer: OutputWriter, state: RunState, progress: Progress, prior: OutputScan, scan: InputScan,
     budget_left: float | None,
 ) -> None:
-    """Run the requests not done yet through a pool, writing each result as it completes.
+    """Run the requests not done yet on the plan's tier, writing each result as it completes.
 
     Raises:
         _StartFailed: the run could not start (a bad prices file, an unreachable Redis); nothing was sent.
     """
+    async with contextlib.AsyncExitStack() as stack:
+        client = await _client(plan, stack)
+        if plan.tier in ("batch", "auto"):
+            requests = await run_batches(plan, client, writer, state, progress, prior, scan)
+            if requests is None:
+                return  # every request ran on the Batch API, or the run stopped
+        else:
+            requests = input_requests(plan.input, plan.model, writer, state, prior, scan, writer.expect)
+        await _run_online(plan, client, writer, state, progress, requests, budget_left, stack)
+
+
+async def _run_online(
+    plan: Plan, client: AsyncOpenAI, writer: OutputWriter, state: RunState, progress: Progress,
+    requests: Iterator[Request], budget_left: float | None, stack: contextlib.AsyncExitStack,
+) -> None:
+    """Run ``requests`` through a pool (flex for --tier flex; flex where offered, else standard, for what --tier
+    auto left online)."""
     from ..admission.redis_store import SharedLimitUnavailable
 
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            pool = await _start(plan, state, writer, stack, budget_left)
-        except SchedulerError as exc:
-            raise _StartFailed(str(exc)) from exc
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows: Ctrl-C stops at once
-            for signum in SIGNAL_EXIT:
-                loop.add_signal_handler(signum, _on_signal, signum, state, pool, progress)
-        state.hard_stop = anyio.CancelScope()
-        try:
-            with state.hard_stop:
-                async with pool, anyio.create_task_group() as tasks:
-                    if plan.metrics_port is not None:
-                        from ..metrics import serve_metrics
+    try:
+        pool = await _pool(plan, client, state, writer, budget_left, stack)
+    except SchedulerError as exc:
+        raise _StartFailed(str(exc)) from exc
+    progress.tier = "flex" if plan.tier == "flex" else "online" if plan.tier == "auto" else "standard"
+    extra = flex_extra(plan, pool.prices)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows: Ctrl-C stops at once
+        for signum in SIGNAL_EXIT:
+            loop.add_signal_handler(signum, _on_signal, signum, state, pool, progress)
+    state.hard_stop = anyio.CancelScope()
+    try:
+        with state.hard_stop:
+            async with pool, anyio.create_task_group() as tasks:
+                if plan.metrics_port is not None:
+                    from ..metrics import serve_metrics
 
-                        metrics = await serve_metrics(pool, plan.metrics_port)
-                        stack.push_async_callback(metrics.aclose)
-                    tasks.start_soon(progress.watch, pool.statistics)
-                    tasks.start_soon(_watch, state, pool, writer)
-                    requests = _requests(plan, writer, state, prior, scan)
-                    async with anyio.create_task_group() as feeders:
-                        for _ in range(plan.workers + _READ_AHEAD):
-                            feeders.start_soon(_feed, pool, requests)
-                    tasks.cancel_scope.cancel()
-        except Exception as exc:
-            # Redis gone for longer than the grace: admission cannot go on without the shared budget.
-            unavailable = _find(exc, SharedLimitUnavailable)
-            if unavailable is None:
-                raise
-            state.stop(_REDIS_UNAVAILABLE, str(unavailable))
-        finally:
-            state.statistics = pool.statistics()
-            state.first_sent.set()
-            for signum in SIGNAL_EXIT:
-                loop.remove_signal_handler(signum)
+                    metrics = await serve_metrics(pool, plan.metrics_port)
+                    stack.push_async_callback(metrics.aclose)
+                progress.follow(pool.statistics)
+                tasks.start_soon(progress.watch)
+                tasks.start_soon(_watch, state, pool, writer)
+                async with anyio.create_task_group() as feeders:
+                    for _ in range(plan.workers + _READ_AHEAD):
+                        feeders.start_soon(_feed, pool, requests, extra)
+                tasks.cancel_scope.cancel()
+    except Exception as exc:
+        # Redis gone for longer than the grace: admission cannot go on without the shared budget.
+        unavailable = _find(exc, SharedLimitUnavailable)
+        if unavailable is None:
+            raise
+        state.stop(_REDIS_UNAVAILABLE, str(unavailable))
+    finally:
+        state.statistics = pool.statistics()
+        state.first_sent.set()
+        for signum in SIGNAL_EXIT:
+            loop.remove_signal_handler(signum)
 
 
-async def _start(
-    plan: Plan, state: RunState, writer: OutputWriter, stack: contextlib.AsyncExitStack, budget_left: float | None
-) -> Pool:
-    """The mock server (with --mock), the client, the shared limiter (with --redis) and the pool, not yet entered.
-
-    Raises:
-        SchedulerError: one of them cannot be made (nothing was sent).
-    """
+async def _client(plan: Plan, stack: contextlib.AsyncExitStack) -> AsyncOpenAI:
+    """The mock server (with --mock) and the SDK client, closed with ``stack``."""
     from openai import AsyncOpenAI, DefaultAioHttpClient  # here: the SDK's import is most of the start-up
-
-    from ..transport import OpenAITransport
 
     base_url = plan.base_url
     if plan.mock:
         from ..mock import MockConfig, MockServer
 
+        # Its Batch API runs in accelerated time (seconds instead of hours): see BatchMockConfig.
         config = MockConfig(rpm=plan.rpm or _MOCK_RPM, tpm=plan.tpm or _MOCK_TPM, latency_ms=_MOCK_LATENCY_MS)
         base_url = (await stack.enter_async_context(MockServer(config))).base_url
     client = AsyncOpenAI(api_key=plan.key, base_url=base_url, http_client=DefaultAioHttpClient())
     stack.push_async_callback(client.close)
+    return client
+
+
+async def _pool(
+    plan: Plan, client: AsyncOpenAI, state: RunState, writer: OutputWriter, budget_left: float | None,
+    stack: contextlib.AsyncExitStack,
+) -> Pool:
+    """The shared limiter (with --redis) and the pool, not yet entered.
+
+    Raises:
+        SchedulerError: one of them cannot be made (nothing was sent).
+    """
     from ..admission import Limiter
+    from ..transport import OpenAITransport
 
     limits = Limits(rpm=plan.rpm, tpm=plan.tpm) if plan.rpm or plan.tpm else None
     store = None
@@ -350,15 +435,19 @@ async def _start(
         assert plan.redis is not None  # checked in _plan
         cache = RedisCache(plan.redis)
         stack.push_async_callback(cache.aclose)
+    from ..cost import PriceTable
+
+    prices = PriceTable.load(plan.prices)
     # No model for the pool: every body names one, and a pool with a model waits for its tokenizer.
     pool = Pool(
         client=client,  # requests go through the transport
         limiter=limiter,
         workers=plan.workers, max_attempts=plan.max_attempts, queue_size=_READ_AHEAD,
-        sink=Recorder(writer, state),
+        sink=Recorder(writer, state, prices),
         transport=FirstSend(OpenAITransport(client), state),
-        budget_usd=budget_left, prices=plan.prices, cache=cache, fallbacks=plan.fallbacks,
+        budget_usd=budget_left, prices=prices, cache=cache, fallbacks=plan.fallbacks,
         estimator=WarmEstimator(state.tokenizer_ready),
+        flex_fallback="standard" if plan.tier == "auto" else plan.flex_fallback,  # type: ignore[arg-type]
     )
     return pool
 
@@ -374,50 +463,22 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
     return None
 
 
-async def _feed(pool: Pool, requests: Iterator[Request]) -> None:
+async def _feed(
+    pool: Pool, requests: Iterator[Request], extra: Callable[[str, Any], Mapping[str, Any]] | None
+) -> None:
     """Submit requests one after another; the feeders share one iterator, so each line is taken once.
+    ``extra`` says what fields (a service tier) to add to a body of a model; a body's own ``service_tier`` wins.
 
     Not ``pool.map()``: its results would pile up unread when they come faster than one a loop turn, and the
     sink already has every result.
     """
     for request in requests:
-        await pool.submit(request.body, endpoint=request.endpoint, custom_id=request.custom_id,
+        body = request.body
+        add = extra(request.endpoint, body.get("model")) if extra is not None else None
+        if add and "service_tier" not in body:
+            body = {**body, **add}
+        await pool.submit(body, endpoint=request.endpoint, custom_id=request.custom_id,
                           priority=request.priority, raise_errors=False)
-
-
-def _requests(
-    plan: Plan, writer: OutputWriter, state: RunState, prior: OutputScan, scan: InputScan
-) -> Iterator[Request]:
-    """The input's requests not done yet, read as the pool has room; invalid lines become error records."""
-    counts = state.counts
-    resuming = len(prior.done) > 0
-    with plan.input.open("rb") as file:
-        for number, raw in read_lines(file):
-            if state.stopping is not None:
-                return
-            if resuming:
-                custom_id = line_custom_id(number, raw)
-                if prior.is_done(custom_id) and custom_id not in scan.changed:
-                    continue  # done by an earlier run (its request checked by scan_input)
-            line = parse_line(number, raw, model=plan.model)
-            if line.request is None:
-                log.warning("invalid_line", file=str(plan.input), line=number, custom_id=line.custom_id,
-                            problem=line.problem)
-                counts.failed += 1
-                counts.invalid += 1
-                state.first_invalid = state.first_invalid or f"line {number}: {line.problem}"
-                if resuming and prior.recorded_invalid(line.custom_id, raw):
-                    continue  # the same line's record is already there
-                try:
-                    writer.write(line.error_result(), fingerprint=line_hash(raw))
-                except OutputUnwritable as exc:
-                    state.stop_at_once(exc)
-                    return
-                continue
-            request = line.request
-            writer.expect(line.custom_id, request_hash(request.endpoint, request.body), line.metadata,
-                          request.body)
-            yield request
 
 
 def _on_signal(signum: int, state: RunState, pool: Pool, progress: Progress) -> None:

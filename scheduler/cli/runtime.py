@@ -6,7 +6,8 @@
 - :class:`FirstSend`: the pool's transport, noting when the first request goes out and the limits the server
   announces;
 - :class:`WarmEstimator` and :func:`warm_up`: token estimates that never wait for the tokenizer to load;
-- :class:`LogFilter`: keeps the log to what the user needs while the display (or the summary) says the rest.
+- :class:`LogFilter`: keeps the log to what the user needs while the display (or the summary) says the rest;
+- :func:`input_requests`: the input's requests not done yet, read as they are wanted.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,11 +28,15 @@ import structlog
 
 from ..dialects import read_limits
 from ..errors import STOPPED_CODES, BudgetExhausted
+from ..jsonl import InputScan, OutputScan, line_custom_id, line_hash, parse_line, read_lines, request_hash
 from ..output import OutputUnwritable, OutputWriter
 from ..progress import RunCounts
+from ..requests import Request
 from ..tokens import TokenEstimator
 
 if TYPE_CHECKING:
+    from ..batch_api import BatchRunStatistics
+    from ..cost import PriceTable
     from ..results import Result
     from ..statistics import PoolStatistics
     from ..transport import Response, StreamResponse, Transport
@@ -42,6 +48,7 @@ __all__ = [
     "Recorder",
     "RunState",
     "WarmEstimator",
+    "input_requests",
     "process_age",
     "warm_up",
 ]
@@ -78,6 +85,10 @@ class RunState:
     hard_stop: anyio.CancelScope | None = None
     #: the pool's statistics when it ended
     statistics: PoolStatistics | None = None
+    #: the batch run's statistics when it ended (the batch and auto tiers)
+    batch_statistics: BatchRunStatistics | None = None
+    #: batches left running on the API when the run stopped (an interrupted batch run)
+    batches_running: int = 0
 
     def stop(self, code: str, message: str) -> None:
         """Stop reading input for a run-fatal reason; requests in flight finish."""
@@ -96,15 +107,24 @@ class RunState:
 
 
 class Recorder:
-    """The pool's sink: writes each result, counts it, and notices a run-fatal stop."""
+    """The pool's sink: writes each result, counts it, and notices a run-fatal stop.
 
-    __slots__ = ("_state", "_writer")
+    Args:
+        prices: prices what results of a cheaper tier would have cost at standard prices (the saving).
+    """
 
-    def __init__(self, writer: OutputWriter, state: RunState) -> None:
+    __slots__ = ("_prices", "_state", "_writer")
+
+    def __init__(self, writer: OutputWriter, state: RunState, prices: PriceTable | None = None) -> None:
         self._writer = writer
         self._state = state
+        self._prices = prices
 
     async def write(self, result: Result) -> None:
+        self.record(result)
+
+    def record(self, result: Result) -> None:
+        """Write and count ``result`` (what :meth:`write` does, for callers that are not the pool)."""
         state = self._state
         state.received += 1
         try:
@@ -112,7 +132,10 @@ class Recorder:
         except OutputUnwritable as exc:
             state.stop_at_once(exc)
             return
-        state.counts.add(result, written)
+        standard = None
+        if self._prices is not None and result.tier not in (None, "standard"):
+            standard = self._prices.cost(result.model, result.usage)
+        state.counts.add(result, written, standard)
         if not written and result.error is not None:
             # A run-fatal error (quota, key, budget): stop reading; what is left stays for the next run.
             state.stop(result.error.code, result.error.message)
@@ -177,6 +200,52 @@ class LogFilter:
         ):
             raise structlog.DropEvent
         return event
+
+
+def input_requests(
+    source: Path, model: str, writer: OutputWriter, state: RunState, prior: OutputScan, scan: InputScan,
+    expect: Callable[[str, int, Any, Any], None],
+) -> Iterator[Request]:
+    """The input's requests not done yet, read as they are wanted; invalid lines become error records.
+
+    Args:
+        source: the input file.
+        model: the model of bodies that name none.
+        writer: where an invalid line's error record goes.
+        state: the run's state (reading stops once it is stopping).
+        prior: what the output already holds.
+        scan: what the first pass over the input found.
+        expect: told ``(custom_id, request hash, metadata, body)`` of each request before it is yielded
+            (``OutputWriter.expect``, or a store of its own for results that come much later).
+    """
+    counts = state.counts
+    resuming = len(prior.done) > 0
+    with source.open("rb") as file:
+        for number, raw in read_lines(file):
+            if state.stopping is not None:
+                return
+            if resuming:
+                custom_id = line_custom_id(number, raw)
+                if prior.is_done(custom_id) and custom_id not in scan.changed:
+                    continue  # done by an earlier run (its request checked by scan_input)
+            line = parse_line(number, raw, model=model)
+            if line.request is None:
+                log.warning("invalid_line", file=str(source), line=number, custom_id=line.custom_id,
+                            problem=line.problem)
+                counts.failed += 1
+                counts.invalid += 1
+                state.first_invalid = state.first_invalid or f"line {number}: {line.problem}"
+                if resuming and prior.recorded_invalid(line.custom_id, raw):
+                    continue  # the same line's record is already there
+                try:
+                    writer.write(line.error_result(), fingerprint=line_hash(raw))
+                except OutputUnwritable as exc:
+                    state.stop_at_once(exc)
+                    return
+                continue
+            request = line.request
+            expect(line.custom_id, request_hash(request.endpoint, request.body), line.metadata, request.body)
+            yield request
 
 
 def warm_up(model: str, first_sent: threading.Event, ready: threading.Event) -> None:

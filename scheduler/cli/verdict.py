@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationFailed, BudgetExhausted
 from ..jsonl import EXPECTED_LINES, InputScan, OutputScan, describe_input
-from .options import NO_KEY
+from .options import NO_KEY, batch_state
 from .runtime import RunState
 
 if TYPE_CHECKING:
@@ -65,7 +65,13 @@ def verdict(plan: Plan, state: RunState, scan: InputScan, prior: OutputScan) -> 
         return 3, (f"Stopped: {state.output_error}. Every line written is whole and kept: make room (or lift the "
                    f"limit), then {again}.")
     if state.signal is not None:
-        return SIGNAL_EXIT.get(signal.Signals(state.signal), 130), f"Interrupted: {again}."
+        code = SIGNAL_EXIT.get(signal.Signals(state.signal), 130)
+        if state.batches_running:
+            return code, (f"Interrupted: {state.batches_running:,} batch(es) keep running on the API, which keeps "
+                          f"their results. Run the same command again to collect them and finish the rest "
+                          f"({left:,} request(s) not done yet), or cancel them: scheduler batches cancel "
+                          f"{plan.output} (their state is in {batch_state(plan.output)}).")
+        return code, f"Interrupted: {again}."
     if state.fatal is not None:
         if state.fatal_code == BudgetExhausted.code:
             spent = prior.spent_usd + counts.cost_usd
