@@ -78,7 +78,7 @@ _MOCK_KEY = "mock-key"
 # The default longest wait between two polls of running batches.
 _POLL_S = 60.0
 # Requests submitted beyond those in flight: they wait in the pool's queue, where priorities order them.
-_READ_AHEAD = 1024
+_READ_AHEAD = 2048  # a full combined embeddings request (2,048 inputs) can form from what is queued
 _REDIS_UNAVAILABLE = "shared_limit_unavailable"
 
 
@@ -136,6 +136,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add("--rerun-changed", action="store_true",
         help="run again the lines whose request changed since their result was written (the new line "
         "supersedes the old: the last line of a custom_id is its result)")
+    add("--no-coalesce", action="store_true",
+        help="send each one-text embeddings line as a request of its own (default: lines queued together go out "
+        "as one request of up to 2,048 inputs, each still getting its own output line)")
     add("--echo-request", action="store_true",
         help="copy each request's body into its output line (scheduler.request_body)")
     add("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
@@ -184,6 +187,8 @@ class Plan:
     batch_size: int = 50_000
     #: the longest wait between two polls of running batches
     poll_s: float = _POLL_S
+    #: one-text embeddings lines queued together go out as one request
+    coalesce: bool = True
 
     def online_limits(self) -> Limits | None:
         """The online limits of the run's model (its own --limit, else --rpm/--tpm, else the built-in mock's),
@@ -279,6 +284,9 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
         "token_ratio": round(stats.token_ratio, 3) if stats and stats.token_ratio != 1.0 else None,
         "capacity_refused": stats.capacity_refused if stats else 0,
         "flex_fallbacks": stats.flex_fallbacks if stats else 0,
+        # Embeddings lines answered together, and the requests that carried them.
+        "coalesced_lines": stats.coalesced_jobs if stats else 0,
+        "coalesced_requests": stats.coalesced_requests if stats else 0,
         **tier_figures(plan, state),
         "cost_usd": round(counts.cost_usd, 6),
         **saving(counts),
@@ -320,7 +328,7 @@ def _plan(args: argparse.Namespace) -> Plan:
                  args.max_attempts, args.redis, args.redis_grace, args.budget, args.prices, args.cache,
                  tuple(args.fallback), args.metrics_port, args.rerun_changed, args.echo_request, args.quiet,
                  tuple(args.limit), args.tier, args.deadline, args.flex_fallback, args.dry_run, args.batch_size,
-                 args.poll_interval)
+                 args.poll_interval, coalesce=not args.no_coalesce)
 
 
 async def _execute(
@@ -448,6 +456,7 @@ async def _pool(
         budget_usd=budget_left, prices=prices, cache=cache, fallbacks=plan.fallbacks,
         estimator=WarmEstimator(state.tokenizer_ready),
         flex_fallback="standard" if plan.tier == "auto" else plan.flex_fallback,  # type: ignore[arg-type]
+        coalesce=plan.coalesce,
     )
     return pool
 
