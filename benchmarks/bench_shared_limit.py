@@ -1,196 +1,153 @@
-"""Shared limit: four processes spending one RPM/TPM budget, with and without Redis.
+"""Shared limits and limit efficiency through the CLI, as users run it: one process, one through Redis, four
+sharing one limit through Redis, and four without Redis (each told the whole limit, or a quarter of it).
 
-A mock server in its own process enforces the limits like OpenAI (one-second quantization, 429s). Four client
-processes each run a quarter of N chat completions through ``scheduler.Pool`` (32 workers each), started
-together once every process is ready (tokenizer loaded, SDK warmed up unless ``--cold``). Three set-ups:
+The mock server runs in its own process, enforcing RPM/TPM like OpenAI (one-second quantization, 429s) and
+counting tokens from characters (about 20% more than tiktoken, as OpenAI's limiter does). Each set-up runs the
+same 2,000 chat completions with ``scheduler run IN -o OUT --base-url ... --rpm ... --tpm ...`` as subprocesses:
 
-- ``redis``: every process configured with the whole limit, ``Pool(redis=URL)``: one budget shared in Redis;
-- ``full``: every process configured with the whole limit, no Redis: together they send four times too much;
-- ``quarter``: every process configured with a quarter of the limit, no Redis: the manual split.
+- ``local``: one process, the whole input;
+- ``redis1``: one process sharing its limits through Redis (``--redis``): the shared path's own cost;
+- ``redis4``: four processes, a quarter of the input each, each told the whole limit, sharing it through Redis;
+- ``full4``: the same four without Redis: together they send four times too much (what Redis prevents);
+- ``quarter4``: the same four without Redis, each told a quarter of the limit (the manual split).
 
-The theoretical minimum is ``max(N / RPM, server-counted tokens / TPM)`` minutes; efficiency is that over the
-wall time from the start signal to the last result (the time to the processes' exit is shown beside it). 429s are
-counted by the server.
+The theoretical minimum is ``max(N / RPM, server-counted tokens / TPM)`` minutes; a run's time is from its first
+request leaving to its last result written (each process's summary says when both happened, so start-up, which
+``first request s`` reports, is measured apart). Efficiency is minimum / time; it can come out a little above 1,
+since the server's buckets start full. ``--runs N`` repeats every set-up; the report gives every run, the median
+and the worst.
 
-Usage: python benchmarks/bench_shared_limit.py [--requests 2000] [--rpm 6000] [--tpm 600000] [--latency-ms 200]
-           [--processes 4] [--setups redis,full,quarter] [--redis URL] [--cold]
+Run: ``python benchmarks/bench_shared_limit.py [--runs 10] [--setups local,redis1,redis4,full4,quarter4]
+[--requests 2000]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common import free_port, mock_server, prompts, reset, stats
-
-SETUPS = ("redis", "full", "quarter")
-
-
-async def child(args: argparse.Namespace) -> None:
-    """One client process: warm up, say ready, wait for the start line on stdin, run its share, report."""
-    import openai
-    import structlog
-
-    import scheduler
-    from scheduler.transport import OpenAITransport
-
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    texts = prompts(args.requests)[args.index::args.processes]
-    share = args.processes if args.setup == "quarter" else 1
-    limits = scheduler.Limits(rpm=args.rpm // share, tpm=args.tpm // share)
-    client = openai.AsyncOpenAI(base_url=args.base_url, api_key="mock", http_client=openai.DefaultAioHttpClient())
-    pool = scheduler.Pool(client=client, model="gpt-4o-mini", limits=limits, workers=args.workers,
-                          redis=args.redis if args.setup == "redis" else None)
-    async with client, pool:
-        if not args.cold:
-            # The SDK's first call spends a few hundred ms setting itself up: not what is measured here (--cold).
-            await OpenAITransport(client).send("/v1/chat/completions", {
-                "model": "gpt-4o-mini", "max_tokens": 1, "messages": [{"role": "user", "content": "warm-up"}]
-            }, timeout=30)
-        print("ready", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        results = await asyncio.gather(
-            *(pool.submit(text, max_tokens=args.max_tokens, raise_errors=False) for text in texts)
-        )
-        finished = time.time()
-        statistics = pool.statistics()
-    print("RESULT " + json.dumps({"finished": finished, "failed": sum(not r.ok for r in results),
-                                  "rate_limited": statistics.rate_limited, "ratio": statistics.token_ratio}),
-          flush=True)
+import orjson
+from common import MODEL, RESULTS, free_port, machine, mock_server, prompts, reset, stats, table, write_json
 
 
-def run_setup(setup: str, base_url: str, redis_url: str | None, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the four processes of one set-up; the server's and the clients' figures."""
-    if setup == "redis":
-        assert redis_url is not None
-        import redis
-
-        with redis.Redis.from_url(redis_url) as connection:
-            connection.flushdb()  # the last run's bucket is not this run's
-    command = [sys.executable, __file__, "--child", "--setup", setup, "--base-url", base_url,
-               "--redis", redis_url or "", "--requests", str(args.requests), "--rpm", str(args.rpm),
-               "--tpm", str(args.tpm), "--processes", str(args.processes), "--workers", str(args.workers),
-               "--max-tokens", str(args.max_tokens), *(["--cold"] if args.cold else [])]
-    procs = [subprocess.Popen([*command, "--index", str(i)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-             for i in range(args.processes)]
+def write_inputs(folder: Path, count: int, parts: int, max_tokens: int) -> list[Path]:
+    """``count`` chat completions in Batch API lines, split into ``parts`` files."""
+    texts = prompts(count)
+    paths = [folder / f"part-{i}.jsonl" for i in range(parts)]
+    files = [path.open("wb") for path in paths]
     try:
-        for proc in procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"a client did not start: {line!r}")
-        reset(base_url)
-        started = time.time()
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
-        exited = time.time() - started
+        for i, text in enumerate(texts):
+            body = {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
+            line = {"custom_id": f"r{i:06d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            files[i % parts].write(orjson.dumps(line) + b"\n")
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    reports = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
-               if line.startswith("RESULT ")]
-    if len(reports) != args.processes:
-        raise RuntimeError(f"{args.processes - len(reports)} client(s) failed")
-    # To the last result: the processes' exit (closing clients, the interpreter's teardown) is not the limit's.
-    wall = max(r["finished"] for r in reports) - started
+        for file in files:
+            file.close()
+    return paths
+
+
+def run_once(base_url: str, inputs: list[Path], folder: Path, args: argparse.Namespace, redis_url: str | None,
+             share: int = 1) -> dict[str, Any]:
+    """Every part's CLI process at once; the server's counters and each process's summary."""
+    reset(base_url)
+    env = {**os.environ, "OPENAI_API_KEY": "mock-key"}
+    procs = []
+    for i, path in enumerate(inputs):
+        out = folder / f"out-{i}.jsonl"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "scheduler", "run", str(path), "-o", str(out), "--base-url", base_url,
+               "--rpm", str(args.rpm // share), "--tpm", str(args.tpm // share), "--workers", str(args.workers)]
+        if redis_url is not None:
+            cmd += ["--redis", redis_url]
+        started = time.time()
+        procs.append((started, out, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                                       stderr=subprocess.PIPE, text=True)))
+    firsts, ends, failed, lines, first_request, ratios = [], [], 0, 0, [], []
+    for started, out, proc in procs:
+        _, err = proc.communicate(timeout=args.timeout)
+        summary = next(json.loads(line) for line in err.splitlines() if '"run_summary"' in line)
+        firsts.append(started + summary["first_request_s"])
+        ends.append(started + summary["elapsed_s"])
+        first_request.append(summary["first_request_s"])
+        ratios.append(summary.get("token_ratio") or 1.0)
+        failed += summary["failed"]
+        lines += sum(1 for _ in out.open("rb"))
     seen = stats(base_url)
-    minimum = max(args.requests / args.rpm, seen["admitted_tokens"] / args.tpm) * 60
+    wall = max(ends) - min(firsts)
+    minimum = 60.0 * max(args.requests / args.rpm, seen["admitted_tokens"] / args.tpm)
     return {
-        "setup": setup, "wall_s": wall, "exited_s": exited, "minimum_s": minimum, "efficiency": minimum / wall,
-        "rate_limited": seen["rate_limited"], "rate_limited_pct": 100 * seen["rate_limited"] / args.requests,
-        "failed": sum(r["failed"] for r in reports),
-        "ratios": [round(r["ratio"], 3) for r in reports],
-        "timeline": [(second["requests"], second["rate_limited"]) for second in seen["timeline"]],
+        "wall_s": round(wall, 3), "minimum_s": round(minimum, 3),
+        "efficiency": round(minimum / wall, 4) if failed == 0 and lines == args.requests else None,
+        "429s": seen["rate_limited"], "429_pct": round(100.0 * seen["rate_limited"] / args.requests, 3),
+        "failed": failed, "lines": lines, "first_request_s": round(max(first_request), 3),
+        "token_ratio": "/".join(f"{r:.2f}" for r in ratios),
     }
 
 
-@contextlib.contextmanager
-def private_redis() -> Iterator[str]:
-    """A redis-server on a free loopback port, no persistence, for the benchmark's life."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH: install it, or pass --redis URL")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                 "no", "--dir", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            import redis
-
-            url = f"redis://127.0.0.1:{port}/0"
-            for _ in range(500):
-                with contextlib.suppress(redis.ConnectionError), redis.Redis.from_url(url) as connection:
-                    connection.ping()
-                    break
-                time.sleep(0.02)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--setups", default="local,redis1,redis4,full4,quarter4")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rpm", type=int, default=6000)
     parser.add_argument("--tpm", type=int, default=600_000)
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--max-tokens", type=int, default=50)
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=32, help="workers of each process's pool")
-    parser.add_argument("--setups", default=",".join(SETUPS))
-    parser.add_argument("--redis", help="a Redis URL to use (default: start a private redis-server)")
-    parser.add_argument("--cold", action="store_true", help="no SDK warm-up call before the start signal")
-    parser.add_argument("--timeline", action="store_true", help="print the server's per-second counts")
-    # The client processes' arguments.
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--setup", help=argparse.SUPPRESS)
-    parser.add_argument("--base-url", help=argparse.SUPPRESS)
-    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=128)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--json", type=Path, default=RESULTS / "shared_limit.json")
     args = parser.parse_args()
-    if args.child:
-        args.redis = args.redis or None
-        asyncio.run(child(args))
-        return
-    setups = [s for s in args.setups.split(",") if s]
+    setups = args.setups.split(",")
+    if any(s.startswith("redis") for s in setups) and shutil.which("redis-server") is None:
+        sys.exit("redis-server is not on PATH (apt-get install redis-server), needed by the redis set-ups")
     mock_args = ["--rpm", str(args.rpm), "--tpm", str(args.tpm), "--latency-ms", str(args.latency_ms),
                  "--latency-sigma", "0.3"]
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    with contextlib.ExitStack() as stack:
-        redis_url = args.redis
-        if "redis" in setups and redis_url is None:
-            redis_url = stack.enter_context(private_redis())
-        base_url = stack.enter_context(mock_server(*mock_args))
-        print(f"{args.processes} processes, {args.requests} requests, server limits {args.rpm} RPM / "
-              f"{args.tpm} TPM, latency {args.latency_ms:g} ms")
-        for setup in setups:
-            row = run_setup(setup, base_url, redis_url, args)
-            print(f"{setup:8s} wall {row['wall_s']:6.2f} s (exited {row['exited_s']:6.2f} s)  "
-                  f"minimum {row['minimum_s']:6.2f} s  efficiency {row['efficiency']:.3f}  "
-                  f"429s {row['rate_limited']:5d} ({row['rate_limited_pct']:.2f}%)  failed {row['failed']}  "
-                  f"token ratios {row['ratios']}",
-                  flush=True)
-            if args.timeline:
-                print("  per second (admitted, 429s):", row["timeline"])
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, mock_server(*mock_args) as base_url:
+        folder = Path(tmp)
+        redis = None
+        if any(s.startswith("redis") for s in setups):
+            port = free_port()
+            redis = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL)
+            time.sleep(0.5)
+        try:
+            for run in range(1, args.runs + 1):
+                for setup in setups:
+                    (folder / setup).mkdir(exist_ok=True)
+                    parts = 4 if setup.endswith("4") else 1
+                    inputs = write_inputs(folder / setup, args.requests, parts, args.max_tokens)
+                    url = f"redis://127.0.0.1:{port}/{run % 16}" if setup.startswith("redis") else None
+                    share = 4 if setup == "quarter4" else 1
+                    row = {"setup": setup, "run": run,
+                           **run_once(base_url, inputs, folder / setup, args, url, share)}
+                    rows.append(row)
+                    print(table([row], list(row)), flush=True)
+        finally:
+            if redis is not None:
+                redis.terminate()
+                redis.wait(10)
+    summary = []
+    for setup in setups:
+        runs = [r for r in rows if r["setup"] == setup]
+        effs = [r["efficiency"] or 0.0 for r in runs]
+        summary.append({"setup": setup, "runs": len(runs), "median_efficiency": round(statistics.median(effs), 4),
+                        "worst_efficiency": round(min(effs), 4), "max_429_pct": max(r["429_pct"] for r in runs),
+                        "failed": sum(r["failed"] for r in runs)})
+    print()
+    print(table(summary, list(summary[0])))
+    write_json(args.json, {"machine": machine(), "args": vars(args) | {"json": str(args.json)}, "rows": rows,
+                           "summary": summary})
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

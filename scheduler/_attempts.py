@@ -33,10 +33,11 @@ from .cache import cache_key
 from .clock import Clock
 from .concurrency import AdaptiveConcurrency
 from .cost import TIERS, PriceTable, Tier
-from .dialects import read_limits, refusal_kind
+from .dialects import read_limits
 from .endpoints import EndpointState, Router
 from .fallbacks import Fallback
 from .logs import redact
+from .refusals import refusal_kind
 from .results import Result, Usage
 from .retry import Backoff, Outcome, answer_problem, classify, error_code, retry_after_s
 from .statistics import Counters

@@ -40,7 +40,7 @@ def error_code(body: Any) -> str | None:
     return None
 
 
-def _is_quota_code(code: str | None) -> bool:
+def is_quota_code(code: str | None) -> bool:
     return code is not None and (
         code in _QUOTA_CODES or code.endswith("_spend_limit_exceeded") or code.endswith("_usage_limit_exceeded")
     )
@@ -53,7 +53,7 @@ def classify(status: int, headers: Mapping[str, str], body: Any) -> Outcome:
     if status in (401, 403):
         return Outcome.AUTH
     code = error_code(body)
-    if status == 429 and _is_quota_code(code):
+    if status == 429 and is_quota_code(code):
         return Outcome.QUOTA
     should_retry = headers.get("x-should-retry")
     if should_retry == "false":

@@ -134,3 +134,31 @@ def test_tiers_benchmark_reports_cost_and_time_per_tier(tmp_path: Path) -> None:
     assert rows["standard"]["served"] == "standard 40" and rows["batch"]["served"] == "batch 40"
     assert rows["batch"]["vs_standard"] == "-50%" and rows["batch"]["batches_created"] == 2
     assert rows["batch"]["online_requests"] == 0 and rows["batch"]["duplicate_lines"] == 0
+
+
+def test_embeddings_benchmark_reports_both_modes(tmp_path: Path) -> None:
+    result = tmp_path / "embeddings.json"
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_embeddings.py"), "--lines", "60", "--rpm", "60000",
+         "--latency-ms", "5", "--json", str(result)],
+        capture_output=True, text=True, env=env, cwd=BENCHMARKS, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["mode"]: row for row in orjson.loads(result.read_bytes())["runs"]}
+    assert rows["single"]["requests"] == 60 and rows["coalesced"]["requests"] < 60
+    assert all(row["lines"] == 60 and row["failed"] == row["wrong_vectors"] == 0 for row in rows.values())
+
+
+def test_shared_limit_benchmark_runs_through_the_cli(tmp_path: Path) -> None:
+    result = tmp_path / "shared.json"
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_shared_limit.py"), "--runs", "1", "--setups", "local,quarter4",
+         "--requests", "40", "--rpm", "60000", "--tpm", "10000000", "--latency-ms", "5", "--json", str(result)],
+        capture_output=True, text=True, env=env, cwd=BENCHMARKS, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["setup"]: row for row in orjson.loads(result.read_bytes())["rows"]}
+    assert rows["local"]["lines"] == rows["quarter4"]["lines"] == 40
+    assert rows["local"]["failed"] == rows["quarter4"]["failed"] == 0

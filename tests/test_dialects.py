@@ -14,18 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.dialects import (
-    DIALECTS,
-    DialectTracker,
-    LimitReport,
-    Refusal,
-    Window,
-    detect_dialect,
-    read_limits,
-    refusal_kind,
-    retry_after_s,
-)
+from scheduler.dialects import DIALECTS, DialectTracker, LimitReport, Window, detect_dialect, read_limits
 from scheduler.mock.ratelimit import format_duration
+from scheduler.refusals import Refusal, refusal_kind, retry_after_s
 
 # Thu, 21 Aug 2025 12:41:00 GMT, the date of the recorded Anthropic response below.
 NOW = 1755780060.0
