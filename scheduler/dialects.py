@@ -2,8 +2,9 @@
 
 Providers state what is left of their limits in different dialects. This module turns one answer's headers into
 a :class:`LimitReport` (per-minute limits, what is left, over which window, and what the server counts against
-its token limit); :mod:`scheduler.refusals` reads their refusals and wait hints with the same rules. It is pure: time comes in as ``now_unix`` (wall-clock seconds, because the providers'
-reset times and HTTP dates are wall-clock times).
+its token limit); :mod:`scheduler.refusals` reads their refusals and wait hints with the same rules. It is pure:
+time comes in as ``now_unix`` (wall-clock seconds, because the providers' reset times and HTTP dates are
+wall-clock times).
 
 The dialects, in short:
 
