@@ -3,17 +3,23 @@
 Covers the subset that OpenAI's structured outputs accept and that the SDK emits for pydantic models:
 objects (properties, required, additionalProperties), string/number/integer/boolean/null, arrays with
 items, enum, const, anyOf/oneOf (nullable fields are anyOf with null), allOf, $ref into $defs/definitions,
-and the simple bounds (minimum/maximum, minLength/maxLength, minItems/maxItems). Values are deterministic:
-the same schema always gives the same JSON.
+the simple bounds (minimum/maximum, exclusive bounds, multipleOf, minLength/maxLength, minItems/maxItems),
+tuples (prefixItems) and string patterns (the shortest text each part of the regular expression allows). Values
+are deterministic: the same schema always gives the same JSON.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _MAX_DEPTH = 8  # recursive schemas ($ref to itself) stop here: an empty array, null or {} ends the recursion
+# The standard library's own parser of regular expressions (private, but the one re itself compiles with; its
+# public alias sre_parse is deprecated).
+_regex: Any = importlib.import_module("re._parser")
 
 
 class SchemaError(ValueError):
@@ -84,6 +90,9 @@ def _value(schema: Mapping[str, Any], root: Mapping[str, Any], hint: str, depth:
         # Every property, required or not: strict schemas require them all anyway.
         return {name: _value(sub, root, name, depth + 1) for name, sub in props.items()}
     if kind == "array":
+        prefix = schema.get("prefixItems")
+        if isinstance(prefix, Sequence):  # a tuple: one value per position
+            return [_value(sub, root, hint, depth + 1) for sub in prefix]
         items = schema.get("items", {})
         count = max(int(schema.get("minItems", 0)), 0 if depth >= _MAX_DEPTH else 1)
         if "maxItems" in schema:
@@ -93,9 +102,14 @@ def _value(schema: Mapping[str, Any], root: Mapping[str, Any], hint: str, depth:
         return _string(schema, hint)
     if kind == "integer":
         value = _number(schema, 1)
+        step = schema.get("multipleOf")
+        if isinstance(step, int | float) and step > 0 and float(step).is_integer():
+            return int(math.ceil(value / step) * step)
         return math.ceil(value) if math.ceil(value) <= schema.get("maximum", math.inf) else math.floor(value)
     if kind == "number":
-        return _number(schema, 1.5)
+        value = _number(schema, 1.5)
+        step = schema.get("multipleOf")
+        return math.ceil(value / step) * step if isinstance(step, int | float) and step > 0 else value
     if kind == "boolean":
         return True
     if kind == "null":
@@ -120,6 +134,9 @@ _FORMATS = {
 def _string(schema: Mapping[str, Any], hint: str) -> str:
     if schema.get("format") in _FORMATS:
         return _FORMATS[schema["format"]]
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        return _matching(pattern, int(schema.get("minLength", 0)))
     text = f"mock {hint}"
     low = int(schema.get("minLength", 0))
     if len(text) < low:
@@ -140,3 +157,90 @@ def _number(schema: Mapping[str, Any], default: float) -> float:
     if "exclusiveMaximum" in schema:
         value = min(value, float(schema["exclusiveMaximum"]) - 1)
     return value
+
+
+def _matching(pattern: str, min_length: int) -> str:
+    """A short text in which ``pattern`` is found (JSON Schema patterns are not anchored), at least
+    ``min_length`` long where padding keeps it matching.
+
+    Raises:
+        SchemaError: the pattern is not a regular expression, or uses what the generator cannot satisfy
+            (lookarounds, back references).
+    """
+    try:
+        found = re.compile(pattern)
+        text = _emit(_regex.parse(pattern))
+    except re.error as exc:
+        raise SchemaError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+    if found.search(text) is None:
+        raise SchemaError(f"no text was found for pattern {pattern!r}")
+    if len(text) < min_length and found.search(padded := text + "x" * (min_length - len(text))):
+        return padded
+    return text
+
+
+# A character of each class (\d, \s, \w and their negations).
+_CATEGORY = {"CATEGORY_DIGIT": "0", "CATEGORY_NOT_DIGIT": "a", "CATEGORY_SPACE": " ", "CATEGORY_NOT_SPACE": "a",
+             "CATEGORY_WORD": "a", "CATEGORY_NOT_WORD": " "}
+_CANDIDATES = "a0A_ -~"
+
+
+def _emit(items: Any) -> str:
+    """The shortest text for a parsed regular expression: each repeat at its least, the first branch."""
+    out = []
+    for op, arg in items:
+        name = str(op)
+        if name == "LITERAL":
+            out.append(chr(arg))
+        elif name == "NOT_LITERAL":
+            out.append("a" if arg != ord("a") else "b")
+        elif name == "ANY":
+            out.append("a")
+        elif name == "IN":
+            out.append(_one_of(arg))
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            least, _, sub = arg
+            out.append(_emit(sub) * least)
+        elif name == "SUBPATTERN":
+            out.append(_emit(arg[-1]))
+        elif name == "ATOMIC_GROUP":
+            out.append(_emit(arg))
+        elif name == "BRANCH":
+            out.append(_emit(arg[1][0]))
+        elif name == "CATEGORY":
+            out.append(_CATEGORY.get(str(arg), "a"))
+        elif name != "AT":  # anchors need no text; lookarounds and back references are not generated
+            raise SchemaError(f"cannot generate text for {name.lower()} in a pattern")
+    return "".join(out)
+
+
+def _one_of(items: Any) -> str:
+    """A character of a character class ``[...]``."""
+    members = [(str(op), arg) for op, arg in items]
+    if members and members[0][0] == "NEGATE":
+        rest = members[1:]
+        for char in _CANDIDATES:
+            if not any(_covers(name, arg, char) for name, arg in rest):
+                return char
+        raise SchemaError("no character found outside a negated class")
+    for name, arg in members:
+        if name == "LITERAL":
+            return chr(arg)
+        if name == "RANGE":
+            return chr(arg[0])
+        if name == "CATEGORY":
+            return _CATEGORY.get(str(arg), "a")
+    raise SchemaError("an empty character class")
+
+
+def _covers(name: str, arg: Any, char: str) -> bool:
+    if name == "LITERAL":
+        return bool(arg == ord(char))
+    if name == "RANGE":
+        return bool(arg[0] <= ord(char) <= arg[1])
+    if name == "CATEGORY":
+        kind = str(arg)
+        test = char.isdigit() if "DIGIT" in kind else char.isspace() if "SPACE" in kind else (
+            char.isalnum() or char == "_")
+        return test != ("NOT" in kind)
+    return False
