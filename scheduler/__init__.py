@@ -17,6 +17,7 @@ from .errors import InternalError as InternalError
 from .errors import InvalidResponse as InvalidResponse
 from .errors import JobError as JobError
 from .errors import LimiterUnavailable as LimiterUnavailable
+from .errors import OutputInvalid as OutputInvalid
 from .errors import PoolClosed as PoolClosed
 from .errors import QuotaExhausted as QuotaExhausted
 from .errors import RequestRejected as RequestRejected
@@ -38,6 +39,8 @@ from .sinks import JsonlSink as JsonlSink
 from .sinks import MemorySink as MemorySink
 from .statistics import PoolStatistics as PoolStatistics
 from .streaming import PoolStream as PoolStream
+from .trim import ContextWindow as ContextWindow
+from .trim import TrimPolicy as TrimPolicy
 
 try:
     __version__ = version("llm-request-scheduler")
@@ -53,6 +56,7 @@ __all__ = [
     "BudgetExhausted",
     "CallbackSink",
     "ConfigurationError",
+    "ContextWindow",
     "DeadlineExceeded",
     "Endpoint",
     "ErrorInfo",
@@ -65,6 +69,7 @@ __all__ = [
     "LimiterUnavailable",
     "Limits",
     "MemorySink",
+    "OutputInvalid",
     "Pool",
     "PoolClosed",
     "PoolStatistics",
@@ -78,6 +83,7 @@ __all__ = [
     "RunStopped",
     "SchedulerError",
     "StreamIncomplete",
+    "TrimPolicy",
     "Usage",
     "cancel_batches",
     "run_batch",

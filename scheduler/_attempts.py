@@ -395,6 +395,15 @@ class Attempts:
             latency_s=self.clock.now() - job.submitted_at, model=job.model, cost_usd=cost, tier=tier,
             served_by=job.endpoint_state.label if job.endpoint_state is not None else None,
         )
+        if job.shape is not None and (shaped := job.shape.conclude(job, result, self.clock.now())) is not result:
+            if shaped is None:  # a structured output that did not parse: asked again, no attempt used
+                self.counters.parse_retries += 1
+                self.dispatcher.requeue(job)
+                return
+            if not shaped.ok:
+                await self.settler.finish(job, shaped)
+                return
+            result = shaped
         if job.cache_key is not None and self.cache is not None:
             await self.cache.store(job.cache_key, result)
         await self.settler.finish(job, result, saved_usd=cost)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectSendStream
 
     from ._map import MapCollector
+    from ._shape import Shape
     from .admission import ScopeLimiter
     from .clock import Timer
     from .endpoints import EndpointState
@@ -71,6 +72,7 @@ class Job:
         "route",
         "scope",
         "sequence",
+        "shape",
         "state",
         "stop_reason",
         "stream_to",
@@ -142,6 +144,8 @@ class Job:
         self.riders: list[Job] | None = None
         #: the carrier a riding job is in
         self.carrier: Job | None = None
+        #: what shaping did (trimmed, refused) and what the answer must parse into; None for most jobs
+        self.shape: Shape | None = None
 
     def set_body(self, body: Mapping[str, Any]) -> None:
         """Change what the job asks (a fallback's model)."""

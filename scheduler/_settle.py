@@ -133,6 +133,9 @@ class Settler:
                 await self.finish(rider, dataclasses.replace(result, custom_id=rider.custom_id))
             return
         c = self.counters
+        if job.shape is not None and job.shape.trimmed:
+            result = dataclasses.replace(result, trimmed=job.shape.trimmed)
+            c.trimmed += 1
         if result.ok:
             c.succeeded += 1
             if result.cached:

@@ -11,6 +11,7 @@
         ├── RetriesExhausted        retryable failures (5xx, timeouts, dropped connections) up to max_attempts,
         │                           or 429s for longer than max_rate_limited_s
         ├── InvalidResponse         the API kept answering 200 with a body that is not its answer (HTML, wrong shape)
+        ├── OutputInvalid           a structured output did not parse into its response format (after parse_retries)
         ├── StreamIncomplete        a stream broke off after its first delta was delivered
         ├── DeadlineExceeded        the job's deadline passed before it succeeded
         ├── InternalError           an unexpected exception on the job's path (a bug, a failing sink)
@@ -47,6 +48,7 @@ __all__ = [
     "InvalidResponse",
     "JobError",
     "LimiterUnavailable",
+    "OutputInvalid",
     "PoolClosed",
     "QuotaExhausted",
     "RequestRejected",
@@ -107,6 +109,14 @@ class InvalidResponse(JobError):
     another shape) on every attempt."""
 
     code = "invalid_response"
+
+
+class OutputInvalid(JobError):
+    """Raised when the answer to a request for a structured output (``response_format=MyModel``) was not valid
+    JSON or did not validate against the model, on the first attempt and on each of the ``parse_retries`` after
+    it, or was cut at the output cap. ``result.body`` holds the last answer (``result.text`` its raw text)."""
+
+    code = "output_invalid"
 
 
 class StreamIncomplete(JobError):
@@ -175,9 +185,9 @@ DEAD_LETTERED = "dead_lettered"
 _JOB_ERRORS: dict[str, type[JobError]] = {
     cls.code: cls
     for cls in (
-        RequestRejected, RequestTooLarge, RetriesExhausted, InvalidResponse, StreamIncomplete, DeadlineExceeded,
-        InternalError, BatchFailed, RunStopped, QuotaExhausted, AuthenticationFailed, BudgetExhausted,
-        LimiterUnavailable,
+        RequestRejected, RequestTooLarge, RetriesExhausted, InvalidResponse, OutputInvalid, StreamIncomplete,
+        DeadlineExceeded, InternalError, BatchFailed, RunStopped, QuotaExhausted, AuthenticationFailed,
+        BudgetExhausted, LimiterUnavailable,
     )
 }
 

@@ -35,6 +35,7 @@ from ._flights import Flights, ResponseCache
 from ._job import Job, State
 from ._map import MapCollector
 from ._settle import Settler
+from ._shape import Shape, Shaping, shape, trim_policy
 from .admission import Limiter
 from .cache import CacheBackend, MemoryCache, cache_key, is_deterministic, open_cache
 from .clock import Clock, LoopClock
@@ -51,8 +52,10 @@ from .retry import Backoff
 from .sinks import Sink
 from .statistics import Counters, EndpointStatistics, PoolStatistics, RateMeter, ScopeStatistics
 from .streaming import PoolStream, stream_channel
+from .structured import prepare_body, wants_parsing
 from .tokens import TokenEstimator, output_reservation
 from .transport import OpenAITransport, Transport
+from .trim import ContextWindow, ContextWindows, TrimPolicy
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream
@@ -112,6 +115,15 @@ class Pool:
         max_pause_s: the longest a 429's ``retry-after`` pauses all dispatch (a longer ask is capped, with a
             warning).
         max_rate_limited_s: how long a job may keep meeting 429s before it fails (RetriesExhausted).
+        context_windows: context windows by model name (a :class:`~scheduler.ContextWindow` or a number of
+            tokens), adding to or overriding the built-in table (:data:`scheduler.trim.DEFAULT_WINDOWS`). A
+            request that cannot fit its model's window fails at once with RequestTooLarge instead of being sent;
+            models in neither are not checked. A :class:`~scheduler.trim.ContextWindows` replaces the table.
+        trim: the default of ``submit(trim=...)``: True (or a :class:`~scheduler.TrimPolicy`) drops a chat's
+            oldest messages until it fits its window (never system or developer messages, never the last user
+            message); ``result.trimmed`` counts them.
+        parse_retries: how many times an answer that does not parse into its ``response_format`` model is asked
+            again before the job fails with OutputInvalid (a parse retry uses no attempt of ``max_attempts``).
         limiter: the admission seam (:class:`~scheduler.admission.Limiter`): its limits and store replace
             ``limits``, ``model_limits`` and ``redis``.
         estimator: the token estimator (:class:`~scheduler.tokens.TokenEstimator` or a subclass).
@@ -144,6 +156,9 @@ class Pool:
         endpoints: Sequence[Endpoint] = (),
         max_pause_s: float = 60.0,
         max_rate_limited_s: float = 600.0,
+        context_windows: ContextWindows | Mapping[str, ContextWindow | int] | None = None,
+        trim: bool | TrimPolicy | None = None,
+        parse_retries: int = 1,
         limiter: Limiter | None = None,
         estimator: TokenEstimator | None = None,
         coalesce: bool | Coalescing = True,
@@ -184,6 +199,8 @@ class Pool:
         self.estimator = estimator or TokenEstimator(default_max_tokens)
         self.prices = PriceTable.load(prices)
         self._coalescing = Coalescing() if coalesce is True else coalesce or None
+        self._windows = ContextWindows.load(context_windows)
+        self._shaping = Shaping(trim_policy(trim), parse_retries)
         self._clock: Clock = clock or LoopClock()
         chain = tuple(f if isinstance(f, Fallback) else Fallback(model=f) for f in fallbacks)
         self._budget: Budget | None = None
@@ -334,6 +351,8 @@ class Pool:
         timeout_s: float | None = None,
         raise_errors: bool = True,
         cache: bool | None = None,
+        trim: bool | TrimPolicy | None = None,
+        parse_retries: int | None = None,
         **body: Any,
     ) -> Result:
         """Run one request and return its :class:`Result`.
@@ -347,7 +366,13 @@ class Pool:
             raise_errors: raise the job's error (default) or return the error Result.
             cache: use the pool's response cache: True always, False never, None (default) when the request is
                 deterministic (``temperature=0``, embeddings).
-            **body: request body fields, e.g. ``max_tokens=200, temperature=0``.
+            trim: drop the chat's oldest messages until it fits the model's context window: True, a
+                :class:`~scheduler.TrimPolicy`, or False (None: the pool's ``trim``).
+            parse_retries: for a ``response_format`` model, how many times an answer that does not parse is
+                asked again (None: the pool's ``parse_retries``).
+            **body: request body fields, e.g. ``max_tokens=200, temperature=0``; ``response_format`` may be a
+                pydantic model class: the answer is parsed into ``result.parsed`` (see
+                :mod:`scheduler.structured`).
 
         Raises:
             JobError: the job failed (a subclass says why); ``exc.result`` is its error Result.
@@ -360,9 +385,13 @@ class Pool:
             # only its arguments (the collector has less to scan; the full queue is the backpressure).
             await self._queue.wait_for_room()
         endpoint, full_body = build_body(request, endpoint, body, self.model)
+        shaping = self._shaping
+        if trim is not None or parse_retries is not None:
+            shaping = Shaping(shaping.trim if trim is None else trim_policy(trim),
+                              shaping.parse_retries if parse_retries is None else parse_retries)
         # Made and queued without awaiting in the common case: submit() is the hot path of services.
-        job = (self._job_now(endpoint, full_body, custom_id, priority, timeout_s, cache)
-               or await self._new_job(endpoint, full_body, custom_id, priority, timeout_s, cache))
+        job = (self._job_now(endpoint, full_body, custom_id, priority, timeout_s, cache, shaping)
+               or await self._new_job(endpoint, full_body, custom_id, priority, timeout_s, cache, shaping))
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         job.future = future
         if not self._enqueue_now(job):
@@ -426,6 +455,9 @@ class Pool:
         endpoint, full_body = build_body(request, None, body, self.model)
         if not endpoint.endswith("chat/completions"):
             raise errors.ConfigurationError("stream() supports chat completions")
+        if wants_parsing(full_body):
+            raise errors.ConfigurationError("stream() does not parse structured outputs: use submit() for "
+                                            "response_format=<a model class>")
         options = dict(full_body.get("stream_options") or {})
         options["include_usage"] = True
         full_body = {**full_body, "stream": True, "stream_options": options}
@@ -526,6 +558,7 @@ class Pool:
             cache_misses=c.cache_misses, cache_saved_usd=c.cache_saved_usd, fallbacks=c.fallbacks, pauses=c.pauses,
             internal_errors=c.internal_errors, coalesced_requests=c.coalesced_requests,
             coalesced_jobs=c.coalesced_jobs, capacity_refused=c.capacity_refused, flex_fallbacks=c.flex_fallbacks,
+            parse_retries=c.parse_retries, trimmed_jobs=c.trimmed,
             scopes=tuple(ScopeStatistics(s.endpoint.split("|")[0], s.model_name, s.snapshot(), s.ratio)
                          for s in scopes),
             endpoints=tuple(
@@ -547,27 +580,32 @@ class Pool:
 
     async def _new_job(
         self, endpoint: str, body: dict[str, Any], custom_id: str | None, priority: int, timeout_s: float | None,
-        cacheable: bool | None = None,
+        cacheable: bool | None = None, shaping: Shaping | None = None,
     ) -> Job:
-        job = self._job_now(endpoint, body, custom_id, priority, timeout_s, cacheable)
+        job = self._job_now(endpoint, body, custom_id, priority, timeout_s, cacheable, shaping)
         if job is not None:
             return job
-        # A long prompt: tokenized in a thread, off the event loop.
+        # A long prompt: tokenized (and trimmed) in a thread, off the event loop.
+        body, output = prepare_body(endpoint, body)
         body = self._capped(endpoint, body)
-        estimate = await anyio.to_thread.run_sync(self.estimator.estimate, endpoint, body)
-        return self._job(endpoint, body, estimate, custom_id, priority, timeout_s, cacheable)
+        sent, estimate, shaped = await anyio.to_thread.run_sync(
+            shape, endpoint, body, self.estimator, self._windows, shaping or self._shaping, output)
+        return self._job(endpoint, sent, estimate, custom_id, priority, timeout_s, cacheable, shaped)
 
     def _job_now(
         self, endpoint: str, body: dict[str, Any], custom_id: str | None, priority: int, timeout_s: float | None,
-        cacheable: bool | None = None,
+        cacheable: bool | None = None, shaping: Shaping | None = None,
     ) -> Job | None:
         """The job, made at once (None: its prompt is long enough to be tokenized in a thread)."""
         self._check_running()
+        # Shaped before it is estimated: the estimate charged is that of what is sent.
+        body, output = prepare_body(endpoint, body)
         body = self._capped(endpoint, body)
         if self.estimator.prompt_chars(endpoint, body) > _THREAD_ESTIMATE_CHARS:
             return None
-        return self._job(endpoint, body, self.estimator.estimate(endpoint, body), custom_id, priority, timeout_s,
-                         cacheable)
+        sent, estimate, shaped = shape(endpoint, body, self.estimator, self._windows, shaping or self._shaping,
+                                       output)
+        return self._job(endpoint, sent, estimate, custom_id, priority, timeout_s, cacheable, shaped)
 
     def _capped(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         if self._budget is None:
@@ -577,7 +615,7 @@ class Pool:
 
     def _job(
         self, endpoint: str, body: dict[str, Any], estimate: int, custom_id: str | None, priority: int,
-        timeout_s: float | None, cacheable: bool | None,
+        timeout_s: float | None, cacheable: bool | None, shaped: Shape | None = None,
     ) -> Job:
         sequence = next(self._sequence)
         now = self._clock.now()
@@ -589,6 +627,7 @@ class Pool:
             job.cache_key = cache_key(self._cache_scope, endpoint, body)
         if endpoint == EMBEDDINGS and self._coalescing is not None:
             job.coalesce_key = coalesce_key(endpoint, body)
+        job.shape = shaped
         return job
 
     def _enqueue_now(self, job: Job) -> bool:
@@ -605,6 +644,7 @@ class Pool:
     def _plain(self, job: Job) -> bool:
         """Nothing to look up (a cache) or refuse (a stop, a request too large, a model without a price)."""
         return not (job.cache_key is not None or self._dispatcher.stopped is not None
+                    or (job.shape is not None and job.shape.refused is not None)
                     or self._router.too_large(job) is not None
                     or (self._budget is not None and not self._budget.priced(job.model)))
 
@@ -616,6 +656,10 @@ class Pool:
         if job.deadline is not None:
             job.deadline_timer = self._clock.call_at(job.deadline, functools.partial(self._dispatcher.expire, job))
         try:
+            if job.shape is not None and job.shape.refused is not None:
+                # It cannot fit its model's context window: the server would refuse it after its wait.
+                await settler.fail(job, errors.RequestTooLarge, job.shape.refused)
+                return
             # A cached answer costs nothing and touches no limit: served even after the run stopped.
             if job.cache_key is not None and await self._answered_by_cache(job):
                 return
@@ -651,6 +695,12 @@ class Pool:
             request_id=entry.request_id, usage=Usage.from_body(entry.body), attempts=0,
             latency_s=self._clock.now() - job.submitted_at, model=entry.model, cost_usd=0.0, cached=True,
         )
+        if job.shape is not None:
+            parsed = job.shape.parses(job.endpoint, result)
+            if parsed is None:  # stored by a request that did not parse its answer: ask the API
+                self._counters.cache_misses += 1
+                return False
+            result = parsed
         self._counters.cache_saved_usd += entry.cost_usd or 0.0
         await self._settler.finish(job, result, saved_usd=entry.cost_usd)
         return True

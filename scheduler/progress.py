@@ -344,7 +344,7 @@ def _by_tier(value: Any) -> str:
 #: rows of the summary table left out when zero
 _ONLY_IF_ANY = frozenset({"already_done", "invalid_lines", "not_done", "truncated", "retries", "rate_limited",
                           "pauses", "earlier_cost_usd", "capacity_refused", "flex_fallbacks", "batches",
-                          "batch_refusals", "batch_retried", "batches_running", "saved_usd"})
+                          "batch_refusals", "batch_retried", "batches_running", "saved_usd", "trimmed"})
 #: the summary table's rows: the JSON summary's keys, with what a person reads for them
 _LABELS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "input": ("input", str),
@@ -368,6 +368,7 @@ _LABELS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "batch_refusals": ("batches refused for the token limit", _number),
     "batch_retried": ("lines retried in a later batch", _number),
     "batches_running": ("batches still running", _number),
+    "trimmed": ("chats trimmed to fit the context window", _number),
     "token_ratio": ("server tokens per token of our estimate", lambda v: f"{v:.3f}"),
     "cost_usd": ("cost of this run", _usd),
     "cost_by_tier": ("cost by tier", _by_tier),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import OutputInvalid
+
 __all__ = ["ErrorInfo", "Result", "Usage"]
 
 
@@ -85,6 +87,12 @@ class Result:
     served_by: str | None = None
     #: embeddings: how many inputs the combined request that answered it carried (None: it went alone)
     coalesced: int | None = None
+    #: the answer parsed into the ``response_format`` model given to ``submit`` (None: none given, or a refusal)
+    parsed: Any = None
+    #: the model's refusal, where it refused to answer a structured-output request (``parsed`` is then None)
+    refusal: str | None = None
+    #: how many of the chat's oldest messages were dropped to fit the context window (``trim``)
+    trimmed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -110,9 +118,10 @@ class Result:
 
     @property
     def text(self) -> str:
-        """The generated text: the first choice of a chat or completions body, or a responses body's output."""
+        """The generated text: the first choice of a chat or completions body, or a responses body's output
+        (also of an ``output_invalid`` failure: the answer that did not parse)."""
         body = self.body
-        if not isinstance(body, dict) or not self.ok:
+        if not isinstance(body, dict) or (self.error is not None and self.error.code != OutputInvalid.code):
             return ""
         choices = body.get("choices")
         if isinstance(choices, list) and choices:

@@ -43,6 +43,8 @@ def batch_line(result: Result) -> dict[str, Any]:
         extra["cached"] = True
     if result.ok and result.truncated:
         extra["truncated"] = True
+    if result.trimmed:
+        extra["trimmed"] = result.trimmed
     if result.tier is not None:
         extra["tier"] = result.tier
     if result.batch_id is not None:

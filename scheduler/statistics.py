@@ -96,6 +96,10 @@ class PoolStatistics:
     #: combined embeddings requests answered, and the jobs they answered
     coalesced_requests: int = 0
     coalesced_jobs: int = 0
+    #: structured outputs asked again because the answer did not parse (not counted in ``retries``)
+    parse_retries: int = 0
+    #: jobs whose chat was trimmed to fit the context window
+    trimmed_jobs: int = 0
     #: every limit scope used so far (an endpoint's model with its own buckets)
     scopes: tuple[ScopeStatistics, ...] = ()
     #: every endpoint of the pool
@@ -126,12 +130,14 @@ class Counters:
         "flex_fallbacks",
         "in_flight",
         "internal_errors",
+        "parse_retries",
         "pauses",
         "prompt_tokens",
         "rate_limited",
         "retries",
         "submitted",
         "succeeded",
+        "trimmed",
         "truncated",
     )
 
@@ -142,6 +148,7 @@ class Counters:
         self.cache_hits = self.cache_misses = self.fallbacks = 0
         self.coalesced_requests = self.coalesced_jobs = 0
         self.capacity_refused = self.flex_fallbacks = 0
+        self.parse_retries = self.trimmed = 0
         self.cost_usd = self.cache_saved_usd = 0.0
 
 

@@ -245,7 +245,8 @@ def check_context(
     if limit is not None and prompt > limit:
         least = estimator.prompt_tokens(endpoint, body, lower=True)
         if least > limit:
-            advice = " (trim=True drops the oldest messages)" if endpoint.endswith("chat/completions") else ""
+            chat = endpoint.endswith("chat/completions")
+            advice = " (trim=True, or --trim, drops the oldest messages)" if chat else ""
             raise RequestTooLarge(
                 f"the prompt needs {least:,} tokens{_beside(output_tokens)}: more than "
                 f"{_describe(body, window, output_tokens, max_input_tokens)}{advice}"

@@ -107,7 +107,7 @@ def test_a_request_over_the_window_fails_at_once_naming_the_window_and_the_sizes
         fit_request(CHAT, body, ESTIMATOR, ContextWindows())
     assert str(caught.value) == (
         f"the prompt needs {prompt:,} tokens beside an output cap of 500: more than gpt-4's context window of "
-        "8,192 tokens (trim=True drops the oldest messages)"
+        "8,192 tokens (trim=True, or --trim, drops the oldest messages)"
     )
     fitting = {**body, "max_tokens": 100}
     assert fit_request(CHAT, fitting, ESTIMATOR, ContextWindows()).body is fitting

@@ -139,6 +139,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add("--no-coalesce", action="store_true",
         help="send each one-text embeddings line as a request of its own (default: lines queued together go out "
         "as one request of up to 2,048 inputs, each still getting its own output line)")
+    add("--trim", action="store_true",
+        help="drop a chat's oldest messages (never system messages nor the last user message) until it fits its "
+        "model's context window; without it, a request that cannot fit gets an error record and is not sent")
     add("--echo-request", action="store_true",
         help="copy each request's body into its output line (scheduler.request_body)")
     add("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
@@ -189,6 +192,8 @@ class Plan:
     poll_s: float = _POLL_S
     #: one-text embeddings lines queued together go out as one request
     coalesce: bool = True
+    #: trim chats to fit their context window
+    trim: bool = False
 
     def online_limits(self) -> Limits | None:
         """The online limits of the run's model (its own --limit, else --rpm/--tpm, else the built-in mock's),
@@ -280,7 +285,7 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
         "invalid_lines": counts.invalid, "not_done": counts.to_do - counts.done, "truncated": counts.truncated,
         "prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
         "retries": stats.retries if stats else 0, "rate_limited": stats.rate_limited if stats else 0,
-        "pauses": stats.pauses if stats else 0,
+        "pauses": stats.pauses if stats else 0, "trimmed": stats.trimmed_jobs if stats else 0,
         "token_ratio": round(stats.token_ratio, 3) if stats and stats.token_ratio != 1.0 else None,
         "capacity_refused": stats.capacity_refused if stats else 0,
         "flex_fallbacks": stats.flex_fallbacks if stats else 0,
@@ -328,7 +333,7 @@ def _plan(args: argparse.Namespace) -> Plan:
                  args.max_attempts, args.redis, args.redis_grace, args.budget, args.prices, args.cache,
                  tuple(args.fallback), args.metrics_port, args.rerun_changed, args.echo_request, args.quiet,
                  tuple(args.limit), args.tier, args.deadline, args.flex_fallback, args.dry_run, args.batch_size,
-                 args.poll_interval, coalesce=not args.no_coalesce)
+                 args.poll_interval, coalesce=not args.no_coalesce, trim=args.trim)
 
 
 async def _execute(
@@ -456,7 +461,7 @@ async def _pool(
         budget_usd=budget_left, prices=prices, cache=cache, fallbacks=plan.fallbacks,
         estimator=WarmEstimator(state.tokenizer_ready),
         flex_fallback="standard" if plan.tier == "auto" else plan.flex_fallback,  # type: ignore[arg-type]
-        coalesce=plan.coalesce,
+        coalesce=plan.coalesce, trim=plan.trim,
     )
     return pool
 

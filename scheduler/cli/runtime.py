@@ -31,7 +31,7 @@ from ..errors import STOPPED_CODES, BudgetExhausted
 from ..jsonl import InputScan, OutputScan, line_custom_id, line_hash, parse_line, read_lines, request_hash
 from ..output import OutputUnwritable, OutputWriter
 from ..progress import RunCounts
-from ..requests import Request
+from ..requests import CHAT, Request
 from ..tokens import TokenEstimator
 
 if TYPE_CHECKING:
@@ -262,7 +262,11 @@ def warm_up(model: str, first_sent: threading.Event, ready: threading.Event) -> 
 class WarmEstimator(TokenEstimator):
     """Token estimates that never wait for the tokenizer: 4 characters a token (close to tiktoken's count of
     ordinary text, so the calibration learned meanwhile stays right) until the encoding has loaded, tiktoken
-    after. The first request needs the SDK, not the encoding."""
+    after. The first request needs the SDK, not the encoding.
+
+    The least a prompt can cost (``lower``) is counted for real, loading the encoding at once if it must: it
+    decides whether a line is refused for not fitting its context window, which a guess must not decide. Only a
+    prompt whose guess is over its window asks for it."""
 
     __slots__ = ("_ready",)
 
@@ -271,11 +275,15 @@ class WarmEstimator(TokenEstimator):
         self._ready = ready
 
     def prompt_tokens(self, endpoint: str, body: Mapping[str, Any], *, lower: bool = False) -> int:
-        if self._ready.is_set():
+        if lower or self._ready.is_set():
             return super().prompt_tokens(endpoint, body, lower=lower)
-        if lower:
-            return 0  # the least it can be: a check against the context window must not refuse on a guess
         return math.ceil(self.prompt_chars(endpoint, body) / 4) + 3 * (len(body.get("messages") or ()) + 1)
+
+    def message_tokens(self, message: Any, model: str, *, lower: bool = False) -> int:
+        # Trimming subtracts these from prompt_tokens: counted alike, or a chat is trimmed too little.
+        if lower or self._ready.is_set():
+            return super().message_tokens(message, model, lower=lower)
+        return math.ceil(self.prompt_chars(CHAT, {"model": model, "messages": [message]}) / 4) + 3
 
 
 class CurrentStderr:
