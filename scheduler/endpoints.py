@@ -28,13 +28,15 @@ from .concurrency import AdaptiveConcurrency
 from .dialects import DIALECTS, Dialect, DialectTracker
 from .errors import ConfigurationError, JobError, RequestRejected, RunStopped
 from .limits import Limits
-from .transport import Transport
+from .logs import register_secret
+from .transport import OpenAITransport, Transport
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
     from ._job import Job
     from .admission import Limiter, ScopeLimiter
+    from .fallbacks import Fallback
 
 __all__ = ["CircuitBreaker", "Endpoint", "EndpointState", "Router", "endpoint_key"]
 
@@ -265,3 +267,24 @@ class Router:
         if all(state.retired is not None for state in self.endpoints):
             return self.endpoints[-1].retired
         return None
+
+
+def endpoint_states(
+    endpoints: Sequence[Endpoint], fallbacks: Sequence[Fallback], *, limits: Limits | None,
+    model_limits: Mapping[str, Limits], workers: int,
+) -> list[EndpointState]:
+    """The run-time state of a pool's endpoints; a fallback model on a client (or transport) of its own is one
+    more endpoint, serving that model only (and served by no other)."""
+    elsewhere = frozenset(f.model for f in fallbacks if f.client is not None or f.transport is not None)
+    states = [EndpointState(e, e.transport or OpenAITransport(e.client), limits=limits,  # type: ignore[arg-type]
+                            model_limits=model_limits, workers=workers, excluded=elsewhere)
+              for e in endpoints]
+    for fallback in fallbacks:
+        if fallback.client is None and fallback.transport is None:
+            continue
+        register_secret(getattr(fallback.client, "api_key", None))
+        own = Endpoint(client=fallback.client, limits=fallback.limits, models=[fallback.model],
+                       transport=fallback.transport)
+        transport = fallback.transport or OpenAITransport(fallback.client)  # type: ignore[arg-type]
+        states.append(EndpointState(own, transport, limits=fallback.limits, model_limits={}, workers=workers))
+    return states

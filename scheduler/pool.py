@@ -17,8 +17,6 @@ settles every job still pending before the caller's own exception goes on, as it
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
 import os
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -29,31 +27,32 @@ import structlog
 
 from . import errors
 from ._attempts import Attempts, FlexFallback
-from ._budget import Budget, cap_output
-from ._dispatch import Dispatcher, too_large
+from ._budget import Budget
+from ._dispatch import Dispatcher
 from ._flights import Flights, ResponseCache
+from ._intake import Intake
 from ._job import Job, State
 from ._map import MapCollector
 from ._settle import Settler
-from ._shape import Shape, Shaping, shape, trim_policy
+from ._shape import Shaping, trim_policy
 from .admission import Limiter
-from .cache import CacheBackend, MemoryCache, cache_key, is_deterministic, open_cache
+from .cache import CacheBackend, MemoryCache, open_cache
 from .clock import Clock, LoopClock
-from .coalesce import EMBEDDINGS, Coalescing, coalesce_key
+from .coalesce import EMBEDDINGS, Coalescing
 from .cost import ModelPrice, PriceTable
-from .endpoints import Endpoint, EndpointState, Router
+from .endpoints import Endpoint, Router, endpoint_states
 from .fallbacks import Fallback
 from .limits import Limits
 from .logs import redact, register_secret, traceback_text
 from .queue import JobQueue
 from .requests import Request, build_body
-from .results import Result, Usage
+from .results import Result
 from .retry import Backoff
 from .sinks import Sink
 from .statistics import Counters, EndpointStatistics, PoolStatistics, RateMeter, ScopeStatistics
 from .streaming import PoolStream, stream_channel
-from .structured import prepare_body, wants_parsing
-from .tokens import TokenEstimator, output_reservation
+from .structured import wants_parsing
+from .tokens import TokenEstimator
 from .transport import OpenAITransport, Transport
 from .trim import ContextWindow, ContextWindows, TrimPolicy
 
@@ -64,9 +63,6 @@ if TYPE_CHECKING:
 __all__ = ["Pool"]
 
 log = structlog.get_logger("scheduler")
-
-# Prompts longer than this are tokenized in a thread, off the event loop.
-_THREAD_ESTIMATE_CHARS = 100_000
 
 Prompt = str | Sequence[Mapping[str, Any]] | Mapping[str, Any]
 
@@ -199,8 +195,6 @@ class Pool:
         self.estimator = estimator or TokenEstimator(default_max_tokens)
         self.prices = PriceTable.load(prices)
         self._coalescing = Coalescing() if coalesce is True else coalesce or None
-        self._windows = ContextWindows.load(context_windows)
-        self._shaping = Shaping(trim_policy(trim), parse_retries)
         self._clock: Clock = clock or LoopClock()
         chain = tuple(f if isinstance(f, Fallback) else Fallback(model=f) for f in fallbacks)
         self._budget: Budget | None = None
@@ -214,24 +208,8 @@ class Pool:
             if fallback.limits is not None and fallback.client is None:
                 model_limits.setdefault(fallback.model, fallback.limits)
         self._limiter = limiter or Limiter(limits, model_limits=model_limits, clock=self._clock)
-        # A fallback on a client (or transport) of its own is served there, not by the pool's endpoints.
-        elsewhere = frozenset(f.model for f in chain if f.client is not None or f.transport is not None)
-        states = [EndpointState(e, e.transport or _transport(e), limits=self._limiter.limits,
-                                model_limits=self._limiter.model_limits, workers=workers, excluded=elsewhere)
-                  for e in endpoints]
-        for fallback in chain:
-            if fallback.client is not None:
-                # A fallback on a client of its own is an endpoint serving that model only.
-                register_secret(getattr(fallback.client, "api_key", None))
-                own = Endpoint(client=fallback.client, limits=fallback.limits, models=[fallback.model],
-                               transport=fallback.transport)
-                states.append(EndpointState(own, fallback.transport or OpenAITransport(fallback.client),
-                                            limits=fallback.limits, model_limits={}, workers=workers))
-            elif fallback.transport is not None:
-                states.append(EndpointState(Endpoint(transport=fallback.transport, models=[fallback.model],
-                                                     limits=fallback.limits),
-                                            fallback.transport, limits=fallback.limits, model_limits={},
-                                            workers=workers))
+        states = endpoint_states(endpoints, chain, limits=self._limiter.limits,
+                                 model_limits=self._limiter.model_limits, workers=workers)
         self._router = Router(states, self._limiter)
         self._redis_url = redis if limiter is None else None
         self._owned_cache: CacheBackend | None = None
@@ -249,7 +227,6 @@ class Pool:
         self._flights = Flights()
         # One lane per limit scope (a route and a model): a model waiting for its limit holds back no other.
         self._queue: JobQueue[Job] = JobQueue(queue_size, lane=_lane)
-        self._sequence = itertools.count()
         self._counters = Counters()
         self._meter = RateMeter()
         self._settler = Settler(clock=self._clock, counters=self._counters, sink=sink, flights=self._flights,
@@ -258,6 +235,13 @@ class Pool:
             queue=self._queue, workers=workers, clock=self._clock, settler=self._settler, budget=self._budget,
             counters=self._counters, meter=self._meter, router=self._router, launch=self._launch,
             max_pause_s=max_pause_s, coalescing=self._coalescing,
+        )
+        self._intake = Intake(
+            estimator=self.estimator, windows=ContextWindows.load(context_windows),
+            shaping=Shaping(trim_policy(trim), parse_retries), budget=self._budget, cache=self._cache,
+            cache_scope=self._cache_scope, flights=self._flights, coalescing=self._coalescing, clock=self._clock,
+            queue=self._queue, settler=self._settler, dispatcher=self._dispatcher, router=self._router,
+            counters=self._counters,
         )
         self._attempts = Attempts(
             dispatcher=self._dispatcher, settler=self._settler, router=self._router, fallbacks=chain,
@@ -385,17 +369,17 @@ class Pool:
             # only its arguments (the collector has less to scan; the full queue is the backpressure).
             await self._queue.wait_for_room()
         endpoint, full_body = build_body(request, endpoint, body, self.model)
-        shaping = self._shaping
+        shaping = self._intake.shaping
         if trim is not None or parse_retries is not None:
             shaping = Shaping(shaping.trim if trim is None else trim_policy(trim),
                               shaping.parse_retries if parse_retries is None else parse_retries)
         # Made and queued without awaiting in the common case: submit() is the hot path of services.
-        job = (self._job_now(endpoint, full_body, custom_id, priority, timeout_s, cache, shaping)
-               or await self._new_job(endpoint, full_body, custom_id, priority, timeout_s, cache, shaping))
+        job = (self._intake.job_now(endpoint, full_body, custom_id, priority, timeout_s, cache, shaping)
+               or await self._intake.new_job(endpoint, full_body, custom_id, priority, timeout_s, cache, shaping))
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         job.future = future
-        if not self._enqueue_now(job):
-            await self._enqueue(job)
+        if not self._intake.enqueue_now(job):
+            await self._intake.enqueue(job)
         try:
             # Not shielded: cancelling the caller abandons the job (a request in flight is cancelled too).
             result = await future
@@ -463,10 +447,10 @@ class Pool:
         full_body = {**full_body, "stream": True, "stream_options": options}
 
         async def start() -> tuple[Job, MemoryObjectReceiveStream[str]]:
-            job = await self._new_job(endpoint, full_body, custom_id, priority, timeout_s, False)
+            job = await self._intake.new_job(endpoint, full_body, custom_id, priority, timeout_s, False)
             job.stream_to, receive = stream_channel()
             job.future = asyncio.get_running_loop().create_future()
-            await self._enqueue(job)
+            await self._intake.enqueue(job)
             return job, receive
 
         return PoolStream(start, self._dispatcher.abandon)
@@ -521,15 +505,15 @@ class Pool:
         try:
             if isinstance(item, Request):
                 endpoint, body = build_body(item.body, item.endpoint, extra, self.model)
-                job = await self._new_job(endpoint, body, item.custom_id, item.priority, item.timeout_s,
+                job = await self._intake.new_job(endpoint, body, item.custom_id, item.priority, item.timeout_s,
                                           item.cacheable)
             else:
                 endpoint, body = build_body(item, None, extra, self.model)
-                job = await self._new_job(endpoint, body, None, 0, None)
+                job = await self._intake.new_job(endpoint, body, None, 0, None)
             job.deliver = collector
             collector.pending += 1
             try:
-                await self._enqueue(job)
+                await self._intake.enqueue(job)
             except BaseException:
                 collector.pending -= 1
                 raise
@@ -578,134 +562,6 @@ class Pool:
         if not self._running:
             raise errors.PoolClosed("the pool is not running: use it inside 'async with Pool(...)'")
 
-    async def _new_job(
-        self, endpoint: str, body: dict[str, Any], custom_id: str | None, priority: int, timeout_s: float | None,
-        cacheable: bool | None = None, shaping: Shaping | None = None,
-    ) -> Job:
-        job = self._job_now(endpoint, body, custom_id, priority, timeout_s, cacheable, shaping)
-        if job is not None:
-            return job
-        # A long prompt: tokenized (and trimmed) in a thread, off the event loop.
-        body, output = prepare_body(endpoint, body)
-        body = self._capped(endpoint, body)
-        sent, estimate, shaped = await anyio.to_thread.run_sync(
-            shape, endpoint, body, self.estimator, self._windows, shaping or self._shaping, output)
-        return self._job(endpoint, sent, estimate, custom_id, priority, timeout_s, cacheable, shaped)
-
-    def _job_now(
-        self, endpoint: str, body: dict[str, Any], custom_id: str | None, priority: int, timeout_s: float | None,
-        cacheable: bool | None = None, shaping: Shaping | None = None,
-    ) -> Job | None:
-        """The job, made at once (None: its prompt is long enough to be tokenized in a thread)."""
-        self._check_running()
-        # Shaped before it is estimated: the estimate charged is that of what is sent.
-        body, output = prepare_body(endpoint, body)
-        body = self._capped(endpoint, body)
-        if self.estimator.prompt_chars(endpoint, body) > _THREAD_ESTIMATE_CHARS:
-            return None
-        sent, estimate, shaped = shape(endpoint, body, self.estimator, self._windows, shaping or self._shaping,
-                                       output)
-        return self._job(endpoint, sent, estimate, custom_id, priority, timeout_s, cacheable, shaped)
-
-    def _capped(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-        if self._budget is None:
-            return body
-        # The reservation charged becomes the request's cap: the worst case held is the worst case possible.
-        return dict(cap_output(endpoint, body, self.estimator.default_output_tokens))
-
-    def _job(
-        self, endpoint: str, body: dict[str, Any], estimate: int, custom_id: str | None, priority: int,
-        timeout_s: float | None, cacheable: bool | None, shaped: Shape | None = None,
-    ) -> Job:
-        sequence = next(self._sequence)
-        now = self._clock.now()
-        deadline = now + timeout_s if timeout_s is not None else None
-        job = Job(endpoint, body, custom_id if custom_id is not None else f"request-{sequence}", priority,
-                  sequence, estimate, output_reservation(endpoint, body, self.estimator.default_output_tokens), now,
-                  deadline)
-        if self._cache is not None and cacheable is not False and (cacheable or is_deterministic(endpoint, body)):
-            job.cache_key = cache_key(self._cache_scope, endpoint, body)
-        if endpoint == EMBEDDINGS and self._coalescing is not None:
-            job.coalesce_key = coalesce_key(endpoint, body)
-        job.shape = shaped
-        return job
-
-    def _enqueue_now(self, job: Job) -> bool:
-        """Queue ``job`` at once in the common case (nothing to look up or refuse, room in the queue); False:
-        :meth:`_enqueue` must."""
-        if self._queue.full or not self._plain(job):
-            return False
-        self._settler.register(job)
-        if job.deadline is not None:
-            job.deadline_timer = self._clock.call_at(job.deadline, functools.partial(self._dispatcher.expire, job))
-        self._queue.requeue(job)
-        return True
-
-    def _plain(self, job: Job) -> bool:
-        """Nothing to look up (a cache) or refuse (a stop, a request too large, a model without a price)."""
-        return not (job.cache_key is not None or self._dispatcher.stopped is not None
-                    or (job.shape is not None and job.shape.refused is not None)
-                    or self._router.too_large(job) is not None
-                    or (self._budget is not None and not self._budget.priced(job.model)))
-
-    async def _enqueue(self, job: Job) -> None:
-        if self._enqueue_now(job):
-            return
-        settler = self._settler
-        settler.register(job)
-        if job.deadline is not None:
-            job.deadline_timer = self._clock.call_at(job.deadline, functools.partial(self._dispatcher.expire, job))
-        try:
-            if job.shape is not None and job.shape.refused is not None:
-                # It cannot fit its model's context window: the server would refuse it after its wait.
-                await settler.fail(job, errors.RequestTooLarge, job.shape.refused)
-                return
-            # A cached answer costs nothing and touches no limit: served even after the run stopped.
-            if job.cache_key is not None and await self._answered_by_cache(job):
-                return
-            stopped = self._dispatcher.stopped
-            if stopped is not None:
-                await settler.fail(job, type(stopped), str(stopped))
-            elif (tpm := self._router.too_large(job)) is not None:
-                await settler.fail(job, errors.RequestTooLarge, too_large(job, tpm))
-            elif self._budget is not None and not self._budget.priced(job.model):
-                # Not a stop: this job cannot be accounted for; a rerun with its price (prices=) runs it.
-                await settler.fail(job, errors.BudgetExhausted,
-                                   f"no price is known for model {job.model!r}: under a budget every model needs one")
-            else:
-                await self._queue.put(job)
-        except BaseException:
-            if job.state is not State.SETTLED:
-                # Cancelled while waiting for room: the job never entered the pool.
-                self._counters.submitted -= 1
-                settler.drop(job)
-            raise
-
-    async def _answered_by_cache(self, job: Job) -> bool:
-        """Serve ``job`` from the cache, or make it follow an identical job in flight; False: it must run."""
-        assert job.cache_key is not None and self._cache is not None
-        if self._flights.join(job):
-            return True
-        entry = await self._cache.lookup(job.cache_key)
-        if entry is None:
-            self._counters.cache_misses += 1
-            return False
-        result = Result(
-            custom_id=job.custom_id, endpoint=job.endpoint, status=200, body=entry.body,
-            request_id=entry.request_id, usage=Usage.from_body(entry.body), attempts=0,
-            latency_s=self._clock.now() - job.submitted_at, model=entry.model, cost_usd=0.0, cached=True,
-        )
-        if job.shape is not None:
-            parsed = job.shape.parses(job.endpoint, result)
-            if parsed is None:  # stored by a request that did not parse its answer: ask the API
-                self._counters.cache_misses += 1
-                return False
-            result = parsed
-        self._counters.cache_saved_usd += entry.cost_usd or 0.0
-        await self._settler.finish(job, result, saved_usd=entry.cost_usd)
-        return True
-
-
     def _launch(self, job: Job) -> None:
         self._attempts.launch(job)
 
@@ -716,7 +572,3 @@ class Pool:
 def _lane(job: Job) -> tuple[int, str | None]:
     return job.route, job.model
 
-
-def _transport(endpoint: Endpoint) -> Transport:
-    assert endpoint.client is not None  # an Endpoint has a client or a transport
-    return OpenAITransport(endpoint.client)
