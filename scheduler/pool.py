@@ -454,6 +454,7 @@ class Pool:
         scopes = self._limiter.scopes()
         lead = primary or (scopes[0] if scopes else None)
         stopped = self._dispatcher.stopped
+        names = {e.key: e.label for e in self._router.endpoints}
         return PoolStatistics(
             submitted=c.submitted, queued=len(self._queue), in_flight=c.in_flight, succeeded=c.succeeded,
             failed=c.failed, retries=c.retries, rate_limited=c.rate_limited, attempts=c.attempts,
@@ -466,8 +467,8 @@ class Pool:
             uncertain_usd=budget.uncertain_usd if budget else 0.0, cache_hits=c.cache_hits,
             cache_misses=c.cache_misses, cache_saved_usd=c.cache_saved_usd, fallbacks=c.fallbacks, pauses=c.pauses,
             internal_errors=c.internal_errors,
-            scopes=tuple(ScopeStatistics(s.endpoint.split("|")[0], s.model_name, s.snapshot(), s.ratio)
-                         for s in scopes),
+            scopes=tuple(ScopeStatistics(names.get(s.endpoint, s.endpoint.split("|")[0]), s.model_name,
+                                         s.snapshot(), s.ratio) for s in scopes),
             endpoints=tuple(
                 EndpointStatistics(e.label, e.served, e.failures, e.in_flight, e.breaker.state,
                                    str(e.retired) if e.retired is not None else None, e.dialect.dialect,

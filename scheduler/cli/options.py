@@ -11,7 +11,7 @@ from ..logs import register_secret
 
 __all__ = [
     "DEFAULT_MODEL", "NO_KEY", "UsageError", "api_settings", "dollars", "fail", "model_limit", "positive_int",
-    "seconds",
+    "reserve_share", "seconds",
 ]
 
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -58,6 +58,20 @@ def model_limit(text: str) -> tuple[str, Limits]:
     if limits.rpm is None and limits.tpm is None:
         raise argparse.ArgumentTypeError(f"{text!r} gives no limit")
     return model, limits
+
+
+def reserve_share(text: str) -> tuple[int, float]:
+    """argparse type: ``PRIORITY=SHARE`` (``0=0.2``: a fifth of each limit kept for jobs of priority 0 or lower)."""
+    priority, sep, share = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        level, value = int(priority), float(share)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PRIORITY=SHARE, e.g. 0=0.2, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"the share must be between 0 and 1 (exclusive), got {share}")
+    return level, value
 
 
 def dollars(text: str) -> float:

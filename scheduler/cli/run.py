@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO, cast
 
@@ -39,9 +39,20 @@ from ..limits import Limits
 from ..logs import configure_logging
 from ..output import OutputLocked, OutputUnwritable, OutputWriter
 from ..pool import Pool
-from ..progress import Progress, RunCounts
+from ..progress import Progress, RunCounts, endpoint_summary
 from ..requests import Request
-from .options import DEFAULT_MODEL, UsageError, api_settings, dollars, fail, model_limit, positive_int, seconds
+from .endpoints_file import EndpointEntry, build_endpoints, read_endpoints
+from .options import (
+    DEFAULT_MODEL,
+    UsageError,
+    api_settings,
+    dollars,
+    fail,
+    model_limit,
+    positive_int,
+    reserve_share,
+    seconds,
+)
 from .runtime import (
     CurrentStderr,
     FirstSend,
@@ -86,6 +97,15 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add("--limit", type=model_limit, action="append", default=[], metavar="MODEL=RPM,TPM",
         help="a model's own limits (repeatable); --rpm/--tpm are the limits of every model not named. Each model "
         "has buckets of its own, as OpenAI limits each model separately")
+    add("--endpoints", type=Path, metavar="FILE",
+        help="several keys, deployments or servers as one pool: a TOML file of [[endpoint]] tables (base_url, "
+        "api_key_env, rpm, tpm, models, weight, dialect, name); each request goes to the endpoint that can take "
+        "it soonest. Instead of --base-url; --rpm/--tpm serve endpoints that give no limits")
+    add("--reserve", type=reserve_share, action="append", default=[], metavar="PRIORITY=SHARE",
+        help="keep SHARE of every limit for requests of PRIORITY or more urgent (lower), e.g. 0=0.2; with --redis "
+        "it holds for every process sharing the limits (repeatable)")
+    add("--priority", type=int, default=0, metavar="N",
+        help="the priority of input lines that give none (default 0; lower runs first)")
     add("--workers", type=positive_int, default=64, help="most requests in flight (default 64)")
     add("--max-attempts", type=positive_int, default=6, help="attempts per request (default 6)")
     add("--base-url", help="API base URL (default: OPENAI_BASE_URL, else OpenAI's)")
@@ -144,6 +164,12 @@ class Plan:
     quiet: bool = False
     #: limits of particular models
     model_limits: tuple[tuple[str, Limits], ...] = ()
+    #: the endpoints of --endpoints (empty: one, from --base-url and OPENAI_API_KEY)
+    endpoints: tuple[EndpointEntry, ...] = ()
+    #: --reserve: capacity held for urgent work, by priority
+    reserve: tuple[tuple[int, float], ...] = ()
+    #: the priority of input lines that give none
+    priority: int = 0
 
 
 class _StartFailed(Exception):
@@ -203,7 +229,8 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
         raise _StartFailed(problem)
     counts = state.counts
     counts.lines, counts.skipped = scan.lines, scan.done
-    where = f"{plan.model}, mock server" if plan.mock else plan.model
+    where = (f"{plan.model}, mock server" if plan.mock else
+             f"{plan.model}, {len(plan.endpoints)} endpoints" if plan.endpoints else plan.model)
     title = f"scheduler run  {plan.input} -> {plan.output}  ({where})"
     progress = Progress(counts, title=title, live=live, quiet=plan.quiet)
     budget_left = None if plan.budget_usd is None else plan.budget_usd - prior.spent_usd
@@ -227,12 +254,28 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
         "first_request_s": round(first - state.started, 3) if first is not None else None,
         "elapsed_s": round(time.monotonic() - state.started, 3), "exit_code": code,
     }
+    if (endpoints := endpoint_summary(stats, counts)) is not None:
+        figures["endpoints"] = endpoints
     progress.summary(figures, message)
     return code
 
 
 def _plan(args: argparse.Namespace) -> Plan:
-    if args.mock:
+    reserve = dict(args.reserve)
+    try:
+        Limits(reserve=reserve)
+    except ValueError as exc:
+        raise UsageError(f"--reserve: {exc}".replace("Limits.reserve ", "")) from None
+    endpoints: tuple[EndpointEntry, ...] = ()
+    if args.endpoints is not None:
+        if args.mock or args.base_url:
+            raise UsageError("--endpoints names every endpoint's base_url: leave out --mock and --base-url")
+        endpoints = tuple(read_endpoints(args.endpoints, reserve=reserve))
+        if args.redis and not (args.rpm or args.tpm) and any(e.limits is None for e in endpoints):
+            raise UsageError("--redis shares the limits: give every endpoint of --endpoints its rpm and/or tpm "
+                             "(or --rpm/--tpm for those that give none)")
+        key, base_url = "", None
+    elif args.mock:
         if args.base_url:
             raise UsageError("--mock runs its own server: leave out --base-url")
         key, base_url = _MOCK_KEY, None
@@ -248,7 +291,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         raise UsageError(f"the output's directory does not exist: {output.parent}")
     if output.exists() and output.resolve() == source.resolve():
         raise UsageError("the output file is the input file")
-    if args.redis and not (args.rpm or args.tpm):
+    if args.redis and not (args.rpm or args.tpm) and not endpoints:
         raise UsageError("--redis shares the limits: give --rpm and/or --tpm (for all processes together)")
     if args.redis and args.mock:
         raise UsageError("--redis with --mock: each run would have its own mock server; use --base-url")
@@ -259,7 +302,8 @@ def _plan(args: argparse.Namespace) -> Plan:
     return Plan(source, output, args.model, key, base_url, args.mock, args.rpm, args.tpm, args.workers,
                  args.max_attempts, args.redis, args.redis_grace, args.budget, args.prices, args.cache,
                  tuple(args.fallback), args.metrics_port, args.rerun_changed, args.echo_request, args.quiet,
-                 tuple(args.limit))
+                 tuple((model, replace(limits, reserve=reserve)) for model, limits in args.limit), endpoints,
+                 tuple(reserve.items()), args.priority)
 
 
 async def _execute(
@@ -329,11 +373,17 @@ async def _start(
 
         config = MockConfig(rpm=plan.rpm or _MOCK_RPM, tpm=plan.tpm or _MOCK_TPM, latency_ms=_MOCK_LATENCY_MS)
         base_url = (await stack.enter_async_context(MockServer(config))).base_url
-    client = AsyncOpenAI(api_key=plan.key, base_url=base_url, http_client=DefaultAioHttpClient())
-    stack.push_async_callback(client.close)
+    def make_client(**settings: Any) -> AsyncOpenAI:
+        client = AsyncOpenAI(**settings, http_client=DefaultAioHttpClient())
+        stack.push_async_callback(client.close)
+        return client
+
+    endpoints = build_endpoints(plan.endpoints, make_client, lambda inner: FirstSend(inner, state))
+    client = None if endpoints else make_client(api_key=plan.key, base_url=base_url)
     from ..admission import Limiter
 
-    limits = Limits(rpm=plan.rpm, tpm=plan.tpm) if plan.rpm or plan.tpm else None
+    reserve = dict(plan.reserve)
+    limits = Limits(rpm=plan.rpm, tpm=plan.tpm, reserve=reserve) if plan.rpm or plan.tpm else None
     store = None
     if plan.redis is not None:
         # Connected here rather than by the pool, to set how long a Redis outage is waited through.
@@ -342,7 +392,7 @@ async def _start(
         assert limits is not None  # checked in _plan
         store = await RedisStore.connect(plan.redis, outage_grace_s=plan.redis_grace_s)
     # The pool closes the limiter (and so the store's connections) when it closes.
-    limiter = Limiter(limits, model_limits=dict(plan.model_limits), store=store)
+    limiter = Limiter(limits, model_limits=dict(plan.model_limits), store=store, reserve=reserve)
     cache: Any = plan.cache
     if cache == "redis":
         from ..cache import RedisCache
@@ -353,10 +403,11 @@ async def _start(
     # No model for the pool: every body names one, and a pool with a model waits for its tokenizer.
     pool = Pool(
         client=client,  # requests go through the transport
+        endpoints=endpoints,
         limiter=limiter,
         workers=plan.workers, max_attempts=plan.max_attempts, queue_size=_READ_AHEAD,
         sink=Recorder(writer, state),
-        transport=FirstSend(OpenAITransport(client), state),
+        transport=FirstSend(OpenAITransport(client), state) if client is not None else None,
         budget_usd=budget_left, prices=plan.prices, cache=cache, fallbacks=plan.fallbacks,
         estimator=WarmEstimator(state.tokenizer_ready),
     )
@@ -399,7 +450,7 @@ def _requests(
                 custom_id = line_custom_id(number, raw)
                 if prior.is_done(custom_id) and custom_id not in scan.changed:
                     continue  # done by an earlier run (its request checked by scan_input)
-            line = parse_line(number, raw, model=plan.model)
+            line = parse_line(number, raw, model=plan.model, priority=plan.priority)
             if line.request is None:
                 log.warning("invalid_line", file=str(plan.input), line=number, custom_id=line.custom_id,
                             problem=line.problem)
