@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-import time
 from collections.abc import Awaitable, Sequence
 
 import structlog
@@ -123,6 +122,7 @@ class Attempts:
             await self._cancelled(job)
         except Exception as exc:
             self.dispatcher.free_worker(job)
+            state.breaker.lost()
             await self.settler.internal_error(job, exc)
 
     def _timeout(self, job: Job) -> float:
@@ -147,8 +147,8 @@ class Attempts:
             if state.concurrency is not None:
                 job.scope.unlimit()
             if response.status != 429:
-                # The one wall-clock read: some providers state reset times as wall-clock times.
-                report = read_limits(response.headers, dialect, now_unix=time.time())
+                # Some providers state reset times as wall-clock times.
+                report = read_limits(response.headers, dialect, now_unix=self.clock.wall())
         try:
             await job.scope.observe(report, sent_at, mark)
         except errors.RunStopped as exc:
@@ -159,10 +159,12 @@ class Attempts:
         """The endpoint's breaker and concurrency learn how the attempt went."""
         now = self.clock.now()
         status = response.status if response is not None else None
-        healthy = status is not None and (status < 500 or status == 501) and status not in (408, 429)
+        # A 429 is an answer too: the endpoint is up, only busy (a probe answered 429 must not leave the
+        # circuit half-open for good).
+        healthy = status is not None and (status < 500 or status == 501) and status != 408
         if healthy:
-            state.breaker.success()
-        elif status != 429:
+            state.breaker.success(state.label)
+        else:
             # 5xx, timeouts, dropped connections: the endpoint is in trouble; a retry prefers another one.
             state.failures += 1
             state.breaker.failure(now, state.label)
@@ -214,7 +216,8 @@ class Attempts:
         if outcome is Outcome.RATE_LIMITED:
             await self._refused(job, response)
         elif outcome is Outcome.RETRY:
-            await self._retry(job, response, _describe(response), retry_after_s(response.headers))
+            asked = retry_after_s(response.headers, self.clock.wall())
+            await self._retry(job, response, _describe(response), asked)
         elif outcome is Outcome.JOB_FATAL:
             # A 404 is an unknown model (or a wrong endpoint): the next fallback may serve it.
             if response.status != 404 or not self._fall_back(job, _describe(response)):
@@ -259,7 +262,7 @@ class Attempts:
         now = self.clock.now()
         if job.limited_since is None:
             job.limited_since = now
-        asked = retry_after_s(response.headers)
+        asked = retry_after_s(response.headers, self.clock.wall())
         if refusal.kind == "capacity":
             delay = max(self.backoff.delay(job.attempts, self.rng), asked or 0.0)
             reason = "no capacity (429)"
@@ -267,7 +270,7 @@ class Attempts:
             self.counters.rate_limited += 1
             await self._tell(job.scope.refused(job.costs, refusal.dimension))
             if refusal.kind == "window_spent" and asked is None:
-                asked = _seconds_to_next_minute()
+                asked = _seconds_to_next_minute(self.clock.wall())
             delay = self.dispatcher.pause(job.scope, asked if asked is not None else
                                           self.backoff.delay(job.attempts, self.rng))
             reason = "rate limited (429)"
@@ -359,6 +362,8 @@ class Attempts:
 
     async def _cancelled(self, job: Job) -> None:
         """The pool cancelled ``job``'s attempt: its deadline passed, its caller left, or the pool is closing."""
+        if job.endpoint_state is not None:
+            job.endpoint_state.breaker.lost()  # if it was a probe, the next request probes instead
         self.settler.release(job, uncertain=True)  # it was sent: the server may bill it
         if job.stop_reason == "abandoned" or job.abandoned:
             self.settler.drop(job)
@@ -380,8 +385,8 @@ def _describe(response: Response) -> str:
     return redact(f"HTTP {response.status}{detail}")
 
 
-def _seconds_to_next_minute() -> float:
+def _seconds_to_next_minute(now_unix: float) -> float:
     # A spent fixed window (a gateway counting per calendar minute) opens again at the next minute, by the
     # wall clock; half a second more allows for the server's clock and the request's way there.
-    return 60.0 - time.time() % 60.0 + 0.5
+    return 60.0 - now_unix % 60.0 + 0.5
 

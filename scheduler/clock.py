@@ -4,6 +4,7 @@ replace it (see :class:`scheduler.testing.FakeClock`)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,9 +18,14 @@ class Timer(Protocol):
 
 
 class Clock(Protocol):
-    """Monotonic seconds, a sleep that honours them, and timers on the same time line."""
+    """Monotonic seconds, a sleep that honours them, and timers on the same time line; and the wall clock."""
 
     def now(self) -> float: ...
+
+    def wall(self) -> float:
+        """Wall-clock seconds (Unix time), moving with :meth:`now`: providers state some reset times as
+        wall-clock times, and gateways count per calendar minute."""
+        ...
 
     async def sleep(self, seconds: float) -> None: ...
 
@@ -39,6 +45,9 @@ class LoopClock:
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
+
+    def wall(self) -> float:
+        return time.time()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -139,7 +139,7 @@ def test_a_file_that_is_not_a_list_of_endpoints_is_refused(tmp_path: Path, text:
 
 
 def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(EndpointsFileError, match="cannot read the endpoints file .*missing.toml"):
+    with pytest.raises(EndpointsFileError, match=r"cannot read the endpoints file .*missing\.toml"):
         read_endpoints(tmp_path / "missing.toml")
 
 
