@@ -162,7 +162,10 @@ class Attempts:
         # A 429 is an answer too: the endpoint is up, only busy (a probe answered 429 must not leave the
         # circuit half-open for good).
         healthy = status is not None and (status < 500 or status == 501) and status != 408
-        if healthy:
+        # Where concurrency adapts (a server of our own), "overloaded" is the load signal it adapts to, not a
+        # fault: the breaker would stall the endpoint for its cool-down instead.
+        overloaded = status in (503, 529) and state.concurrency is not None
+        if healthy or overloaded:
             state.breaker.success(state.label)
         else:
             # 5xx, timeouts, dropped connections: the endpoint is in trouble; a retry prefers another one.
