@@ -450,7 +450,9 @@ class Pool:
         """The pool's counters and current rates."""
         c, budget = self._counters, self._budget
         rpm, tpm = self._meter.per_minute(self._clock.now())
-        primary = self._router.scope(self._router.endpoints[0], self.model) if self.model is not None else None
+        # The pool's model on the first endpoint serving it (statistics must not make a scope where none is used).
+        serving = next((e for e in self._router.endpoints if e.serves(self.model)), None) if self.model else None
+        primary = self._router.scope(serving, self.model) if serving is not None else None
         scopes = self._limiter.scopes()
         lead = primary or (scopes[0] if scopes else None)
         stopped = self._dispatcher.stopped

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
     from rich.live import Live
 
+    from .limits import Limits
     from .results import Result
     from .statistics import EndpointStatistics, PoolStatistics
 
@@ -296,16 +297,20 @@ def _endpoint_figures(e: EndpointStatistics, counts: RunCounts) -> dict[str, Any
 
 
 def _combined_limits(stats: PoolStatistics) -> tuple[int | None, int | None]:
-    """The limits the run works under: the sum over its limit scopes (endpoints and models; retired endpoints
-    left out) once there are several, else the pool's."""
+    """The limits the run works under: with several endpoints, the sum of theirs (each endpoint's first model's
+    limits; retired endpoints left out); else the pool's. Models are not summed: a server may hold one limit for
+    all of them, and their own lines show each."""
+    if len(stats.endpoints) < 2:
+        limits = stats.limits
+        return (limits.rpm, limits.tpm) if limits is not None else (None, None)
     retired = {e.name for e in stats.endpoints if e.retired is not None}
-    known = [scope.limits for scope in stats.scopes if scope.limits is not None and scope.endpoint not in retired]
-    if len(stats.scopes) > 1 and known:
-        rpms = [limits.rpm for limits in known if limits.rpm is not None]
-        tpms = [limits.tpm for limits in known if limits.tpm is not None]
-        return sum(rpms) or None, sum(tpms) or None
-    limits = stats.limits
-    return (limits.rpm, limits.tpm) if limits is not None else (None, None)
+    first: dict[str, Limits] = {}
+    for scope in stats.scopes:
+        if scope.limits is not None and scope.endpoint not in retired:
+            first.setdefault(scope.endpoint, scope.limits)
+    rpms = [limits.rpm for limits in first.values() if limits.rpm is not None]
+    tpms = [limits.tpm for limits in first.values() if limits.tpm is not None]
+    return sum(rpms) or None, sum(tpms) or None
 
 
 def _write_json(line: dict[str, Any]) -> None:

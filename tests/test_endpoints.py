@@ -103,12 +103,14 @@ async def test_models_restrict_what_each_endpoint_serves() -> None:
         endpoints = [scheduler.Endpoint(client=c1, limits=PLENTY, models=["gpt-4o"], name="big"),
                      scheduler.Endpoint(client=c2, limits=PLENTY, models=["gpt-4o-mini", "mock-model"], name="small")]
         with anyio.fail_after(HANG_S):
-            async with scheduler.Pool(endpoints=endpoints, backoff=FAST) as pool:
+            async with scheduler.Pool(endpoints=endpoints, backoff=FAST, model="gpt-4o-mini") as pool:
                 big = await run_all(pool, 30, "gpt-4o")
                 small = await run_all(pool, 30, "gpt-4o-mini")
                 with pytest.raises(errors.RequestRejected, match=r"no endpoint serves the model 'gpt-4\.1'"):
                     await pool.submit("hi", model="gpt-4.1", max_tokens=5)
+                scopes = {(scope.endpoint, scope.model) for scope in pool.statistics().scopes}
     assert served(big) == {"big": 30} and served(small) == {"small": 30}
+    assert scopes == {("big", "gpt-4o"), ("small", "gpt-4o-mini")}
     assert s1.stats()["models"].keys() == {"gpt-4o"} and s2.stats()["models"].keys() == {"gpt-4o-mini"}
 
 
