@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,9 +36,9 @@ from .dialects import read_limits
 from .endpoints import EndpointState, Router
 from .fallbacks import Fallback
 from .logs import redact
-from .refusals import refusal_kind
+from .refusals import refusal_kind, retry_after_s
 from .results import Result, Usage
-from .retry import Backoff, Outcome, answer_problem, classify, error_code, retry_after_s
+from .retry import Backoff, Outcome, answer_problem, classify, error_code
 from .statistics import Counters
 from .streaming import StreamBroken, relay
 from .transport import Response, TransportFailure
@@ -138,6 +137,7 @@ class Attempts:
             await self._cancelled(job)
         except Exception as exc:
             self.dispatcher.free_worker(job)
+            state.breaker.lost()
             await self.settler.internal_error(job, exc)
 
     def _timeout(self, job: Job) -> float:
@@ -164,8 +164,8 @@ class Attempts:
             if state.concurrency is not None:
                 job.scope.unlimit()
             if response.status != 429:
-                # The one wall-clock read: some providers state reset times as wall-clock times.
-                report = read_limits(response.headers, dialect, now_unix=time.time())
+                # Some providers state reset times as wall-clock times.
+                report = read_limits(response.headers, dialect, now_unix=self.clock.wall())
         try:
             await job.scope.observe(report, sent_at, mark)
         except errors.RunStopped as exc:
@@ -176,10 +176,15 @@ class Attempts:
         """The endpoint's breaker and concurrency learn how the attempt went."""
         now = self.clock.now()
         status = response.status if response is not None else None
-        healthy = status is not None and (status < 500 or status == 501) and status not in (408, 429)
-        if healthy:
-            state.breaker.success()
-        elif status != 429:
+        # A 429 is an answer too: the endpoint is up, only busy (a probe answered 429 must not leave the
+        # circuit half-open for good).
+        healthy = status is not None and (status < 500 or status == 501) and status != 408
+        # Where concurrency adapts (a server of our own), "overloaded" is the load signal it adapts to, not a
+        # fault: the breaker would stall the endpoint for its cool-down instead.
+        overloaded = status in (503, 529) and state.concurrency is not None
+        if healthy or overloaded:
+            state.breaker.success(state.label)
+        else:
             # 5xx, timeouts, dropped connections: the endpoint is in trouble; a retry prefers another one.
             state.failures += 1
             state.breaker.failure(now, state.label)
@@ -233,7 +238,8 @@ class Attempts:
         if outcome is Outcome.RATE_LIMITED:
             await self._refused(job, response)
         elif outcome is Outcome.RETRY:
-            await self._retry(job, response, _describe(response), retry_after_s(response.headers))
+            asked = self._asked_wait(job, response)
+            await self._retry(job, response, _describe(response), asked)
         elif outcome is Outcome.JOB_FATAL:
             if response.status in _INPUT_REFUSED and job.riders is not None and self.dispatcher.split(job):
                 return  # one input of a combined request may be the cause: each half is sent again
@@ -247,6 +253,12 @@ class Attempts:
         else:
             message = f"the API refused the key (HTTP {response.status}): check OPENAI_API_KEY and its permissions"
             await self._retire(job, errors.AuthenticationFailed(message), response)
+
+    def _asked_wait(self, job: Job, response: Response) -> float | None:
+        """The wait an error answer asks for, wherever its dialect says it (headers, the message's "try again
+        in 2s", a gateway's calendar minute); None when it does not say."""
+        dialect = job.endpoint_state.dialect.dialect if job.endpoint_state is not None else None
+        return retry_after_s(response.headers, response.body, dialect, now_unix=self.clock.wall())
 
     async def _retire(self, job: Job, error: errors.RunStopped, response: Response) -> None:
         """An endpoint's key was refused or its quota is spent: it leaves the run. The job goes to another
@@ -281,7 +293,8 @@ class Attempts:
         now = self.clock.now()
         if job.limited_since is None:
             job.limited_since = now
-        asked = retry_after_s(response.headers)
+        # A LiteLLM window is spent until the calendar minute turns: that is the wait it asks for.
+        asked = self._asked_wait(job, response)
         if refusal.kind == "capacity":
             self.counters.capacity_refused += 1
             if self.flex_fallback == "standard" and is_flex(job.body):
@@ -292,8 +305,6 @@ class Attempts:
         else:
             self.counters.rate_limited += 1
             await self._tell(job.scope.refused(job.costs, refusal.dimension))
-            if refusal.kind == "window_spent" and asked is None:
-                asked = _seconds_to_next_minute()
             delay = self.dispatcher.pause(job.scope, asked if asked is not None else
                                           self.backoff.delay(job.attempts, self.rng))
             reason = "rate limited (429)"
@@ -443,6 +454,8 @@ class Attempts:
 
     async def _cancelled(self, job: Job) -> None:
         """The pool cancelled ``job``'s attempt: its deadline passed, its caller left, or the pool is closing."""
+        if job.endpoint_state is not None:
+            job.endpoint_state.breaker.lost()  # if it was a probe, the next request probes instead
         self.settler.release(job, uncertain=True)  # it was sent: the server may bill it
         if job.stop_reason == "abandoned" or job.abandoned:
             self.settler.drop(job)
@@ -486,9 +499,4 @@ def _describe(response: Response) -> str:
     detail = f": {str(message)[:300]}" if message else ""
     return redact(f"HTTP {response.status}{detail}")
 
-
-def _seconds_to_next_minute() -> float:
-    # A spent fixed window (a gateway counting per calendar minute) opens again at the next minute, by the
-    # wall clock; half a second more allows for the server's clock and the request's way there.
-    return 60.0 - time.time() % 60.0 + 0.5
 

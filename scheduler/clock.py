@@ -18,9 +18,14 @@ class Timer(Protocol):
 
 
 class Clock(Protocol):
-    """Monotonic seconds, a sleep that honours them, and timers on the same time line."""
+    """Monotonic seconds, a sleep that honours them, and timers on the same time line; and the wall clock."""
 
     def now(self) -> float: ...
+
+    def wall(self) -> float:
+        """Wall-clock seconds (Unix time), moving with :meth:`now`: providers state some reset times as
+        wall-clock times, and gateways count per calendar minute."""
+        ...
 
     async def sleep(self, seconds: float) -> None: ...
 
@@ -41,6 +46,9 @@ class LoopClock:
 
     def now(self) -> float:
         return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

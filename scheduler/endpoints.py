@@ -94,11 +94,13 @@ class CircuitBreaker:
     """Closed while an endpoint answers; open after ``threshold`` failures in a row (5xx, timeouts, dropped
     connections) for a cool-down that doubles each time a probe fails, up to ``max_cool_down_s``; then one probe."""
 
-    __slots__ = ("_cool_down_s", "_failures", "_probing", "max_cool_down_s", "open_until", "threshold")
+    __slots__ = ("_cool_down_s", "_failures", "_initial_cool_down_s", "_probing", "max_cool_down_s", "open_until",
+                 "threshold")
 
     def __init__(self, threshold: int = 5, cool_down_s: float = 5.0, max_cool_down_s: float = 60.0) -> None:
         self.threshold = threshold
         self.max_cool_down_s = max_cool_down_s
+        self._initial_cool_down_s = cool_down_s
         self._cool_down_s = cool_down_s
         self._failures = 0
         self._probing = False
@@ -119,13 +121,21 @@ class CircuitBreaker:
         if self.open_until != -math.inf and now >= self.open_until:
             self._probing = True
 
-    def success(self) -> None:
+    def success(self, label: str) -> None:
+        """An answer came back. While open, only the probe's answer closes the circuit: an answer to a request
+        sent before it opened says nothing about the endpoint now."""
         if self.open_until != -math.inf:
-            log.info("circuit_closed")
+            if not self._probing:
+                return
+            log.info("circuit_closed", endpoint=label)
         self._failures = 0
         self._probing = False
         self.open_until = -math.inf
-        self._cool_down_s = min(self._cool_down_s, 5.0)
+        self._cool_down_s = self._initial_cool_down_s
+
+    def lost(self) -> None:
+        """An attempt ended with no answer to judge by (cancelled): a probe it was is not waited for."""
+        self._probing = False
 
     def failure(self, now: float, label: str) -> None:
         self._failures += 1

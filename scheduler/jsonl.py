@@ -259,19 +259,22 @@ def line_custom_id(number: int, raw: bytes | None, max_bytes: int = MAX_LINE_BYT
     return _custom_id(number, line)[0]
 
 
-def parse_line(number: int, raw: bytes | None, *, model: str, max_bytes: int = MAX_LINE_BYTES) -> InputLine:
+def parse_line(
+    number: int, raw: bytes | None, *, model: str, max_bytes: int = MAX_LINE_BYTES, priority: int = 0
+) -> InputLine:
     """Parse one input line into a request, or say what is wrong with it.
 
     Args:
         number: the 1-based line number (names the line in messages, and its id when it has none).
         raw: the line's bytes, or None for a line over the size cap.
         model: the model of bodies that name none.
+        priority: the priority of a line that gives none.
     """
     line, problem = _loads(number, raw, max_bytes)
-    return _parse_loaded(number, line, problem, model)
+    return _parse_loaded(number, line, problem, model, priority)
 
 
-def _parse_loaded(number: int, line: Any, problem: str | None, model: str) -> InputLine:
+def _parse_loaded(number: int, line: Any, problem: str | None, model: str, default_priority: int = 0) -> InputLine:
     custom_id, id_problem = _custom_id(number, line)
     if problem is None and not isinstance(line, dict):
         problem = f"a line must be a JSON object, not {_kind(line)}"
@@ -279,7 +282,7 @@ def _parse_loaded(number: int, line: Any, problem: str | None, model: str) -> In
     if problem is not None:
         return InputLine(number, custom_id, problem=problem)
     assert isinstance(line, dict)
-    priority = line.get("priority", 0)
+    priority = line.get("priority", default_priority)
     if not isinstance(priority, int) or isinstance(priority, bool):
         return InputLine(number, custom_id, problem=f"priority must be an integer, not {_kind(priority)}")
     metadata = None

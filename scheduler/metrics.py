@@ -30,13 +30,20 @@ series                                      type     meaning
 ``scheduler_stopped``                       gauge    1 once a run-fatal error or the budget stopped admission
 ``scheduler_latency_seconds{outcome}``      histo.   seconds from submit to result: ``success``, ``cached``,
                                                      ``failed``
+``scheduler_endpoint_requests_total``       counter  attempts sent to each endpoint (label ``endpoint``: its
+                                                     name, host and a short key fingerprint; never the key)
+``scheduler_endpoint_results_total``        counter  results each endpoint answered, by ``outcome``
+                                                     (``success``, ``failed``)
+``scheduler_endpoint_failures_total``       counter  5xx, timeouts and dropped connections, by ``endpoint``
+``scheduler_endpoint_circuit_open``         gauge    1 while an endpoint's circuit breaker is open or probing
+``scheduler_endpoint_retired``              gauge    1 once an endpoint left the run (refused key, spent quota)
 ==========================================  =======  ==========================================================
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -44,6 +51,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .results import Result
+from .statistics import EndpointStatistics
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -64,7 +72,7 @@ class PoolMetrics:
         registry: where to register (default: a new ``CollectorRegistry``, never the global one).
     """
 
-    __slots__ = ("_failures", "_latency", "registry")
+    __slots__ = ("_answered", "_failures", "_latency", "registry")
 
     def __init__(self, pool: Pool, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -73,7 +81,8 @@ class PoolMetrics:
             registry=self.registry, buckets=LATENCY_BUCKETS,
         )
         self._failures: dict[str, int] = {}
-        self.registry.register(_StatisticsCollector(pool, self._failures))
+        self._answered: dict[tuple[str, str], int] = {}
+        self.registry.register(_StatisticsCollector(pool, self._failures, self._answered))
         pool.add_observer(self._observe)
 
     def _observe(self, result: Result) -> None:
@@ -83,6 +92,9 @@ class PoolMetrics:
         else:
             outcome = "cached" if result.cached else "success"
         self._latency.labels(outcome).observe(result.latency_s)
+        if result.served_by is not None and not result.cached:
+            key = (result.served_by, outcome)
+            self._answered[key] = self._answered.get(key, 0) + 1
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format. Call it on the pool's event loop (it reads statistics())."""
@@ -92,9 +104,10 @@ class PoolMetrics:
 class _StatisticsCollector(Collector):
     """Reads the pool's counters at scrape time: nothing is done per request for them."""
 
-    def __init__(self, pool: Pool, failures: dict[str, int]) -> None:
+    def __init__(self, pool: Pool, failures: dict[str, int], answered: dict[tuple[str, str], int]) -> None:
         self._pool = pool
         self._failures = failures
+        self._answered = answered
 
     def collect(self) -> Iterator[Metric]:
         stats = self._pool.statistics()
@@ -141,6 +154,29 @@ class _StatisticsCollector(Collector):
                                     value=stats.reserved_usd)
         yield GaugeMetricFamily("scheduler_stopped", "1 once admission stopped.",
                                 value=1.0 if stats.stopped is not None else 0.0)
+        yield from self._endpoints(stats.endpoints)
+
+    def _endpoints(self, endpoints: Sequence[EndpointStatistics]) -> Iterator[Metric]:
+        """Series per endpoint, labelled by its name (host and a key fingerprint unless named: never the key)."""
+        sent = CounterMetricFamily("scheduler_endpoint_requests", "Attempts sent to each endpoint.",
+                                   labels=["endpoint"])
+        failures = CounterMetricFamily("scheduler_endpoint_failures",
+                                       "5xx answers, timeouts and dropped connections of each endpoint.",
+                                       labels=["endpoint"])
+        circuit = GaugeMetricFamily("scheduler_endpoint_circuit_open", "1 while the endpoint's circuit is open.",
+                                    labels=["endpoint"])
+        retired = GaugeMetricFamily("scheduler_endpoint_retired", "1 once the endpoint left the run.",
+                                    labels=["endpoint"])
+        for e in endpoints:
+            sent.add_metric([e.name], e.requests)
+            failures.add_metric([e.name], e.failures)
+            circuit.add_metric([e.name], 0.0 if e.circuit == "closed" else 1.0)
+            retired.add_metric([e.name], 1.0 if e.retired is not None else 0.0)
+        results = CounterMetricFamily("scheduler_endpoint_results", "Results each endpoint answered.",
+                                      labels=["endpoint", "outcome"])
+        for (name, outcome), count in sorted(self._answered.items()):
+            results.add_metric([name, outcome], count)
+        yield from (sent, results, failures, circuit, retired)
 
 
 class MetricsServer:

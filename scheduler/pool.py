@@ -525,10 +525,13 @@ class Pool:
         """The pool's counters and current rates."""
         c, budget = self._counters, self._budget
         rpm, tpm = self._meter.per_minute(self._clock.now())
-        primary = self._router.scope(self._router.endpoints[0], self.model) if self.model is not None else None
+        # The pool's model on the first endpoint serving it (statistics must not make a scope where none is used).
+        serving = next((e for e in self._router.endpoints if e.serves(self.model)), None) if self.model else None
+        primary = self._router.scope(serving, self.model) if serving is not None else None
         scopes = self._limiter.scopes()
         lead = primary or (scopes[0] if scopes else None)
         stopped = self._dispatcher.stopped
+        names = {e.key: e.label for e in self._router.endpoints}
         return PoolStatistics(
             submitted=c.submitted, queued=len(self._queue), in_flight=c.in_flight, succeeded=c.succeeded,
             failed=c.failed, retries=c.retries, rate_limited=c.rate_limited, attempts=c.attempts,
@@ -543,8 +546,8 @@ class Pool:
             internal_errors=c.internal_errors, coalesced_requests=c.coalesced_requests,
             coalesced_jobs=c.coalesced_jobs, capacity_refused=c.capacity_refused, flex_fallbacks=c.flex_fallbacks,
             parse_retries=c.parse_retries, trimmed_jobs=c.trimmed,
-            scopes=tuple(ScopeStatistics(s.endpoint.split("|")[0], s.model_name, s.snapshot(), s.ratio)
-                         for s in scopes),
+            scopes=tuple(ScopeStatistics(names.get(s.endpoint, s.endpoint.split("|")[0]), s.model_name,
+                                         s.snapshot(), s.ratio) for s in scopes),
             endpoints=tuple(
                 EndpointStatistics(e.label, e.served, e.failures, e.in_flight, e.breaker.state,
                                    str(e.retired) if e.retired is not None else None, e.dialect.dialect,

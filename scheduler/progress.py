@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from rich.live import Live
 
     from .batch_api import BatchRunStatistics
+    from .limits import Limits
     from .results import Result
-    from .statistics import PoolStatistics
+    from .statistics import EndpointStatistics, PoolStatistics
 
-__all__ = ["Progress", "RunCounts"]
+__all__ = ["Progress", "RunCounts", "endpoint_summary"]
 
 @dataclass(slots=True)
 class RunCounts:
@@ -52,6 +53,8 @@ class RunCounts:
     #: the limits the server announced (x-ratelimit-limit-*), shown where the pool was given none
     server_rpm: int | None = None
     server_tpm: int | None = None
+    #: successful answers by the endpoint that gave them (Result.served_by)
+    answered_by: dict[str, int] = field(default_factory=dict)
 
     @property
     def to_do(self) -> int:
@@ -69,6 +72,8 @@ class RunCounts:
         elif result.error is None:
             self.succeeded += 1
             self.truncated += result.truncated
+            if result.served_by is not None:
+                self.answered_by[result.served_by] = self.answered_by.get(result.served_by, 0) + 1
         else:
             self.failed += 1
         if result.usage is not None:
@@ -199,7 +204,7 @@ class Progress:
             )
         stats = self._stats() if self._stats is not None else None
         if stats is not None:
-            limits = stats.limits
+            rpm_limit, tpm_limit = _combined_limits(stats)
             figures.update(
                 in_flight=stats.in_flight,
                 queued=stats.queued,
@@ -209,10 +214,19 @@ class Progress:
                 capacity_refused=stats.capacity_refused,
                 flex_fallbacks=stats.flex_fallbacks,
                 requests_per_minute=round(stats.requests_per_minute),
-                rpm_limit=(limits.rpm if limits is not None else None) or counts.server_rpm,
+                rpm_limit=rpm_limit or counts.server_rpm,
                 tokens_per_minute=round(stats.tokens_per_minute),
-                tpm_limit=(limits.tpm if limits is not None else None) or counts.server_tpm,
+                tpm_limit=tpm_limit or counts.server_tpm,
             )
+            if len(stats.endpoints) > 1:
+                figures["endpoints"] = [_endpoint_figures(e, counts) for e in stats.endpoints]
+            if len({scope.model for scope in stats.scopes}) > 1:
+                figures["scopes"] = [
+                    {"endpoint": scope.endpoint, "model": scope.model,
+                     "rpm_limit": scope.limits.rpm if scope.limits is not None else None,
+                     "tpm_limit": scope.limits.tpm if scope.limits is not None else None}
+                    for scope in stats.scopes
+                ]
         return figures
 
     def _status_line(self) -> None:
@@ -252,6 +266,20 @@ class Progress:
                 f"pauses {f.get('pauses', 0)}   {cost}",
             )
             parts.append(grid)
+        if "endpoints" in f:
+            endpoints = Table.grid(padding=(0, 3))
+            for e in f["endpoints"]:
+                state = (f"[red]retired: {e['retired']}[/]" if e.get("retired") else
+                         f"[yellow]circuit {e['circuit']}[/]" if e["circuit"] != "closed" else "[green]ok[/]")
+                endpoints.add_row(f"[bold]{e['name']}[/]", f"answered {e['answered']:,}",
+                                  f"requests {e['requests']:,}", f"failures {e['failures']:,}", state)
+            parts.append(endpoints)
+        if "scopes" in f:
+            scopes = Table.grid(padding=(0, 3))
+            for scope in f["scopes"]:
+                scopes.add_row(f"{scope['model']} @ {scope['endpoint']}",
+                               f"limits {_limit(scope['rpm_limit'])} RPM, {_limit(scope['tpm_limit'])} TPM")
+            parts.append(scopes)
         return Group(*parts)
 
     # ------------------------------------------------------------------ the end
@@ -283,6 +311,10 @@ class Progress:
             if value is not None and key in _LABELS and (value or key not in _ONLY_IF_ANY):
                 label, show = _LABELS[key]
                 table.add_row(label, show(value))
+        for e in figures.get("endpoints") or ():
+            retired = f", retired: {e['retired']}" if e.get("retired") else ""
+            table.add_row(f"endpoint {e['name']}", f"{e['answered']:,} answered, {e['requests']:,} requests, "
+                          f"{e['failures']:,} failures{retired}")
         self._console.print(table)
         style = "green" if figures.get("exit_code") == 0 else "yellow"
         self._console.print(message, style=style, highlight=False, markup=False)
@@ -306,6 +338,40 @@ def _batch_table(batches: list[dict[str, Any]], cost: str) -> RenderableType:
         table.add_row(f"... {len(batches) - len(shown)} more", "", f"{done} of {len(batches)} ended", "", "")
     table.add_row("", "", "", "", cost)
     return table
+
+
+def endpoint_summary(stats: PoolStatistics | None, counts: RunCounts) -> list[dict[str, Any]] | None:
+    """What each endpoint did, for the summary (None with a single endpoint: the run's figures say it all)."""
+    if stats is None or len(stats.endpoints) < 2:
+        return None
+    return [_endpoint_figures(e, counts) for e in stats.endpoints]
+
+
+def _endpoint_figures(e: EndpointStatistics, counts: RunCounts) -> dict[str, Any]:
+    figures: dict[str, Any] = {"name": e.name, "answered": counts.answered_by.get(e.name, 0), "requests": e.requests,
+                               "failures": e.failures, "circuit": e.circuit}
+    if e.retired is not None:
+        figures["retired"] = e.retired
+    if e.concurrency is not None:
+        figures["concurrency"] = e.concurrency
+    return figures
+
+
+def _combined_limits(stats: PoolStatistics) -> tuple[int | None, int | None]:
+    """The limits the run works under: with several endpoints, the sum of theirs (each endpoint's first model's
+    limits; retired endpoints left out); else the pool's. Models are not summed: a server may hold one limit for
+    all of them, and their own lines show each."""
+    if len(stats.endpoints) < 2:
+        limits = stats.limits
+        return (limits.rpm, limits.tpm) if limits is not None else (None, None)
+    retired = {e.name for e in stats.endpoints if e.retired is not None}
+    first: dict[str, Limits] = {}
+    for scope in stats.scopes:
+        if scope.limits is not None and scope.endpoint not in retired:
+            first.setdefault(scope.endpoint, scope.limits)
+    rpms = [limits.rpm for limits in first.values() if limits.rpm is not None]
+    tpms = [limits.tpm for limits in first.values() if limits.tpm is not None]
+    return sum(rpms) or None, sum(tpms) or None
 
 
 def _write_json(line: dict[str, Any]) -> None:

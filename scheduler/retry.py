@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import email.utils
 import enum
-import math
 import random
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Backoff", "Outcome", "answer_problem", "classify", "error_code", "retry_after_s"]
+__all__ = ["Backoff", "Outcome", "answer_problem", "classify", "error_code", "is_quota_code"]
 
 # Billing codes that 429 carries when money, not rate, is the problem: retrying cannot help.
 _QUOTA_CODES = frozenset({"insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached"})
@@ -88,31 +85,6 @@ def answer_problem(endpoint: str, body: Any, is_json: bool = True) -> str | None
         found = ", ".join(sorted(map(str, body))[:8]) if isinstance(body, dict) else type(body).__name__
         return f"the API answered 200 with JSON that is not a {endpoint} answer (no '{key}' list; found: {found})"
     return None
-
-
-def retry_after_s(headers: Mapping[str, str], now_unix: float | None = None) -> float | None:
-    """Seconds the server asks us to wait: ``retry-after-ms``, else ``retry-after`` (seconds or an HTTP date)."""
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        try:
-            ms = float(value)
-        except ValueError:
-            ms = math.nan
-        if math.isfinite(ms) and ms >= 0:
-            return ms / 1000
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        parsed = email.utils.parsedate_tz(value)
-        if parsed is None:
-            return None
-        # The one place wall-clock time is right: an HTTP date is wall-clock time.
-        now = time.time() if now_unix is None else now_unix
-        return max(0.0, email.utils.mktime_tz(parsed) - now)
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ __all__ = ["Counters", "EndpointStatistics", "PoolStatistics", "RateMeter", "Sco
 class ScopeStatistics:
     """One limit scope: an endpoint's model with its own buckets."""
 
-    #: the endpoint's base URL
+    #: the endpoint's name (as in :class:`EndpointStatistics`)
     endpoint: str
     model: str | None
     #: the limits in force (None while still unknown)

@@ -50,15 +50,23 @@ class _FakeTimer:
 
 
 class FakeClock:
-    """Virtual time. Use ``async with clock.autojump():`` around the code under test."""
+    """Virtual time. Use ``async with clock.autojump():`` around the code under test.
 
-    def __init__(self, start: float = 0.0) -> None:
+    ``wall()`` is the wall clock on the same time line: ``wall_start`` (a Unix time; the default is the turn of
+    a minute) when ``now()`` reads ``start``. Give a mock server ``clock=fake.wall`` to run both on it.
+    """
+
+    def __init__(self, start: float = 0.0, *, wall_start: float = 1_800_000_000.0) -> None:
         self._now = start
+        self._wall_offset = wall_start - start
         self._timers: list[tuple[float, int, _FakeTimer]] = []
         self._counter = itertools.count()
 
     def now(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        return self._wall_offset + self._now
 
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:

@@ -49,7 +49,7 @@ async def test_the_endpoint_serves_the_documented_series() -> None:
     # histogram's _created timestamp is prometheus-client's own).
     served = {family.name for family in families if not family.name.endswith("_created")}
     assert served == {name.removesuffix("_total") for name in DOCUMENTED}
-    assert len(DOCUMENTED) == 19
+    assert len(DOCUMENTED) == 24
     assert samples[("scheduler_requests_total", (("outcome", "success"),))] == 2
     assert samples[("scheduler_requests_total", (("outcome", "cached"),))] == 1
     assert samples[("scheduler_requests_total", (("outcome", "failed"),))] == 1
@@ -64,8 +64,13 @@ async def test_the_endpoint_serves_the_documented_series() -> None:
     assert samples[("scheduler_cost_usd_total", ())] > 0
     assert samples[("scheduler_in_flight", ())] == 0 and samples[("scheduler_queue_depth", ())] == 0
     assert samples[("scheduler_limit_requests_per_minute", ())] == 60_000
+    # The endpoint's name labels its series (a transport without a client is named "endpoint").
+    assert samples[("scheduler_endpoint_requests_total", (("endpoint", "endpoint"),))] == 4
+    assert samples[("scheduler_endpoint_failures_total", (("endpoint", "endpoint"),))] == 1
+    assert samples[("scheduler_endpoint_results_total", (("endpoint", "endpoint"), ("outcome", "success")))] == 2
+    assert samples[("scheduler_endpoint_circuit_open", (("endpoint", "endpoint"),))] == 0
     labels = {key for _, pairs in samples for key, _ in pairs}
-    assert labels <= {"outcome", "code", "kind", "result", "le"}
+    assert labels <= {"outcome", "code", "kind", "result", "le", "endpoint"}
 
 
 async def test_each_pool_has_its_own_registry_not_the_global_one() -> None:

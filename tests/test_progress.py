@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -11,8 +12,9 @@ import pytest
 from scheduler.batch_api import BatchProgress, BatchRunStatistics
 from scheduler.limits import Limits
 from scheduler.pool import PoolStatistics
-from scheduler.progress import Progress, RunCounts
+from scheduler.progress import Progress, RunCounts, endpoint_summary
 from scheduler.results import Result
+from scheduler.statistics import EndpointStatistics, ScopeStatistics
 
 pytestmark = pytest.mark.anyio
 
@@ -120,3 +122,39 @@ def test_the_live_display_lists_the_running_batches_first() -> None:
     text = console.export_text()
     assert "batch_12" in text and "in_progress" in text and "2/5 done" in text
     assert "4 more" in text and "11 of 12 ended" in text  # the first rows: the running one, then the ended
+
+
+async def test_status_lines_show_each_endpoint_and_each_models_limits_and_the_combined_limit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    counts = RunCounts(lines=10)
+    for name in ("a", "a", "b"):
+        counts.add(Result(custom_id="x", endpoint="/v1/chat/completions", status=200, body={}, served_by=name),
+                   written=True)
+    endpoints = (
+        EndpointStatistics("a", 3, 1, 0, "closed", None, "openai", None),
+        EndpointStatistics("b", 2, 0, 0, "open", "b: the API reports the quota exhausted", "openai", None),
+    )
+    scopes = (ScopeStatistics("a", "gpt-4o-mini", Limits(rpm=500, tpm=1000), 1.0),
+              ScopeStatistics("a", "gpt-4o", Limits(rpm=100, tpm=300), 1.0),
+              ScopeStatistics("b", "gpt-4o-mini", Limits(rpm=900, tpm=9000), 1.0))
+    progress = Progress(counts, title="t", live=False, interval_s=0.01)
+    stats = statistics(limits=Limits(rpm=500), endpoints=endpoints, scopes=scopes)
+    line = await first_status_line(progress, stats, capsys)
+    assert line["endpoints"] == [
+        {"name": "a", "answered": 2, "requests": 3, "failures": 1, "circuit": "closed"},
+        {"name": "b", "answered": 1, "requests": 2, "failures": 0, "circuit": "open",
+         "retired": "b: the API reports the quota exhausted"},
+    ]
+    assert [(s["endpoint"], s["model"], s["rpm_limit"]) for s in line["scopes"]] == [
+        ("a", "gpt-4o-mini", 500), ("a", "gpt-4o", 100), ("b", "gpt-4o-mini", 900)]
+    # The run works under the sum of its endpoints' limits (models are not summed: a server may hold one limit
+    # for all), the retired endpoint's left out.
+    assert (line["rpm_limit"], line["tpm_limit"]) == (500, 1000)
+    live = statistics(limits=Limits(rpm=500), endpoints=(endpoints[0], replace(endpoints[1], retired=None)),
+                      scopes=scopes)
+    capsys.readouterr()
+    again = Progress(counts, title="t", live=False, interval_s=0.01)
+    assert (await first_status_line(again, live, capsys))["rpm_limit"] == 1400
+    assert endpoint_summary(stats, counts) == line["endpoints"]
+    assert endpoint_summary(statistics(endpoints=endpoints[:1]), counts) is None  # one endpoint: nothing to add

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from scheduler.retry import Backoff, Outcome, classify, retry_after_s
+from scheduler.refusals import retry_after_s
+from scheduler.retry import Backoff, Outcome, classify
 
 
 def _body(code: str | None) -> dict[str, object]:
@@ -41,11 +42,14 @@ def test_classification_table(status: int, headers: dict[str, str], code: str | 
 
 
 def test_retry_after_prefers_milliseconds() -> None:
-    assert retry_after_s({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
-    assert retry_after_s({"retry-after": "3"}) == 3.0
-    assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:05 GMT"}, now_unix=1445412480) == 5.0
-    assert retry_after_s({"retry-after": "soon"}) is None
-    assert retry_after_s({}) is None
+    def wait(headers: dict[str, str], now_unix: float = 0.0) -> float | None:
+        return retry_after_s(headers, None, None, now_unix=now_unix)
+
+    assert wait({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
+    assert wait({"retry-after": "3"}) == 3.0
+    assert wait({"retry-after": "Wed, 21 Oct 2015 07:28:05 GMT"}, now_unix=1445412480) == 5.0
+    assert wait({"retry-after": "soon"}) is None
+    assert wait({}) is None
 
 
 def test_full_jitter_backoff_draws_from_the_whole_window() -> None:

@@ -159,14 +159,24 @@ class Limiter:
         model_limits: limits of particular models, by name.
         store: where the buckets live (default: this process; a Redis store shares them).
         clock: the pool's clock (the in-process store's time).
+        reserve: capacity held for urgent work in scopes whose limits are learned from the headers, as
+            ``Limits.reserve`` (``{0: 0.2}``: 20% of each bucket for jobs of priority 0 or more urgent).
+
+    Raises:
+        ConfigurationError: ``reserve`` shares out of range.
     """
 
     def __init__(
         self, limits: Limits | None = None, *, model_limits: Mapping[str, Limits] | None = None,
-        store: BucketStore | None = None, clock: Clock | None = None,
+        store: BucketStore | None = None, clock: Clock | None = None, reserve: Mapping[int, float] | None = None,
     ) -> None:
         self.limits = limits
         self.model_limits = dict(model_limits or {})
+        try:
+            #: the reservation of learned limits (checked as Limits checks its own)
+            self.reserve = Limits(reserve=dict(reserve or {})).reserve
+        except ValueError as exc:
+            raise ConfigurationError(str(exc).replace("Limits.reserve", "reserve")) from exc
         self._clock: Clock = clock or LoopClock()
         self.store: BucketStore = store if store is not None else MemoryStore(self._clock)
         self._scopes: dict[tuple[str, str | None], ScopeLimiter] = {}
@@ -184,8 +194,9 @@ class Limiter:
                 raise ConfigurationError(f"a shared limit needs explicit limits (Limits(rpm=..., tpm=...)) for "
                                          f"{model or 'every model'}")
             key = hashlib.sha256(f"{endpoint}|{model or ''}".encode()).hexdigest()[:24]
-            found = ScopeLimiter(ScopeModel(limits, keep=self.store.keep), self.store, key, endpoint=endpoint,
-                                 model_name=model, clock=self._clock, owner=self.owner)
+            policy = ScopeModel(limits, keep=self.store.keep, reserve=self.reserve)
+            found = ScopeLimiter(policy, self.store, key, endpoint=endpoint, model_name=model, clock=self._clock,
+                                 owner=self.owner)
             self._scopes[(endpoint, model)] = found
         return found
 

@@ -50,13 +50,17 @@ class ScopeModel:
             at a time until then).
         keep: share of each burst never held (several processes share the bucket: their requests leave in a
             slightly different order and timing than they were admitted in).
+        reserve: the capacity held for urgent work once limits are learned (configured limits carry their own
+            ``Limits.reserve``).
     """
 
-    __slots__ = ("_lowered", "_params", "_told_unknown", "_usage", "calibration", "keep", "limits")
+    __slots__ = ("_lowered", "_params", "_reserve", "_told_unknown", "_usage", "calibration", "keep", "limits")
 
-    def __init__(self, limits: Limits | None, *, keep: float = 0.0) -> None:
+    def __init__(self, limits: Limits | None, *, keep: float = 0.0, reserve: Mapping[int, float] | None = None
+                 ) -> None:
         self.limits = limits
         self.keep = keep
+        self._reserve = dict(reserve or {})
         self.calibration = Calibration()
         #: dimensions the server counts by real usage: their unused charge is given back on each answer
         self._usage: frozenset[str] = frozenset({"tokens"}) if limits is not None and limits.refund_unused else (
@@ -124,8 +128,9 @@ class ScopeModel:
                             "time until an answer carries them; give limits to go faster")
             return False
         log.info("rate_limits_learned", **found)
+        # Learned limits keep the reservation: a bulk run learning its limits still leaves room for urgent work.
         self.limits = Limits(rpm=found.get("rpm"), tpm=found.get("tpm"), itpm=found.get("itpm"),
-                             otpm=found.get("otpm"))
+                             otpm=found.get("otpm"), reserve=self._reserve)
         self._params = None
         return True
 

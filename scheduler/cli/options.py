@@ -14,7 +14,7 @@ from ..logs import register_secret
 
 __all__ = [
     "DEFAULT_MODEL", "NO_KEY", "TIER_CHOICES", "UsageError", "api_settings", "batch_state", "deadline", "dollars",
-    "fail", "model_limit", "positive_int", "seconds", "share",
+    "fail", "model_limit", "positive_int", "reserve_share", "seconds", "share",
 ]
 
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -67,6 +67,20 @@ def model_limit(text: str) -> tuple[str, Limits]:
     if limits.rpm is None and limits.tpm is None:
         raise argparse.ArgumentTypeError(f"{text!r} gives no limit")
     return model, limits
+
+
+def reserve_share(text: str) -> tuple[int, float]:
+    """argparse type: ``PRIORITY=SHARE`` (``0=0.2``: a fifth of each limit kept for jobs of priority 0 or lower)."""
+    priority, sep, share = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        level, value = int(priority), float(share)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PRIORITY=SHARE, e.g. 0=0.2, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"the share must be between 0 and 1 (exclusive), got {share}")
+    return level, value
 
 
 def dollars(text: str) -> float:

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
@@ -33,8 +33,9 @@ from ..limits import Limits
 from ..logs import configure_logging
 from ..output import OutputLocked, OutputUnwritable, OutputWriter
 from ..pool import Pool
-from ..progress import Progress, RunCounts
+from ..progress import Progress, RunCounts, endpoint_summary
 from ..requests import Request
+from .endpoints_file import EndpointEntry, build_endpoints, read_endpoints
 from .estimate import dry_run
 from .options import (
     DEFAULT_MODEL,
@@ -46,6 +47,7 @@ from .options import (
     fail,
     model_limit,
     positive_int,
+    reserve_share,
     seconds,
 )
 from .runtime import (
@@ -116,6 +118,15 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="batch tiers: requests per batch input file (default and most: 50,000)")
     add("--poll-interval", type=seconds, default=_POLL_S, metavar="SECONDS",
         help=f"batch tiers: the longest wait between two polls of running batches (default {_POLL_S:g})")
+    add("--endpoints", type=Path, metavar="FILE",
+        help="several keys, deployments or servers as one pool: a TOML file of [[endpoint]] tables (base_url, "
+        "api_key_env, rpm, tpm, models, weight, dialect, name); each request goes to the endpoint that can take "
+        "it soonest. Instead of --base-url; --rpm/--tpm serve endpoints that give no limits")
+    add("--reserve", type=reserve_share, action="append", default=[], metavar="PRIORITY=SHARE",
+        help="keep SHARE of every limit for requests of PRIORITY or more urgent (lower), e.g. 0=0.2; with --redis "
+        "it holds for every process sharing the limits (repeatable)")
+    add("--priority", type=int, default=0, metavar="N",
+        help="the priority of input lines that give none (default 0; lower runs first)")
     add("--workers", type=positive_int, default=64, help="most requests in flight (default 64)")
     add("--max-attempts", type=positive_int, default=6, help="attempts per request (default 6)")
     add("--base-url", help="API base URL (default: OPENAI_BASE_URL, else OpenAI's)")
@@ -195,6 +206,13 @@ class Plan:
     #: trim chats to fit their context window
     trim: bool = False
 
+    #: the endpoints of --endpoints (empty: one, from --base-url and OPENAI_API_KEY)
+    endpoints: tuple[EndpointEntry, ...] = ()
+    #: --reserve: capacity held for urgent work, by priority
+    reserve: tuple[tuple[int, float], ...] = ()
+    #: the priority of input lines that give none
+    priority: int = 0
+
     def online_limits(self) -> Limits | None:
         """The online limits of the run's model (its own --limit, else --rpm/--tpm, else the built-in mock's),
         None when none are known."""
@@ -267,7 +285,8 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
         dry_run(plan, prior, scan)
         writer.discard_if_unused()
         return 0
-    where = f"{plan.model}, mock server" if plan.mock else plan.model
+    where = (f"{plan.model}, mock server" if plan.mock else
+             f"{plan.model}, {len(plan.endpoints)} endpoints" if plan.endpoints else plan.model)
     tier = "" if plan.tier == "standard" else f", {plan.tier} tier"
     title = f"scheduler run  {plan.input} -> {plan.output}  ({where}{tier})"
     progress = Progress(counts, title=title, live=live, quiet=plan.quiet)
@@ -299,12 +318,28 @@ def _run_locked(plan: Plan, writer: OutputWriter, state: RunState, live: bool) -
         "first_request_s": round(first - state.started, 3) if first is not None else None,
         "elapsed_s": round(time.monotonic() - state.started, 3), "exit_code": code,
     }
+    if (endpoints := endpoint_summary(stats, counts)) is not None:
+        figures["endpoints"] = endpoints
     progress.summary(figures, message)
     return code
 
 
 def _plan(args: argparse.Namespace) -> Plan:
-    if args.mock:
+    reserve = dict(args.reserve)
+    try:
+        Limits(reserve=reserve)
+    except ValueError as exc:
+        raise UsageError(f"--reserve: {exc}".replace("Limits.reserve ", "")) from None
+    endpoints: tuple[EndpointEntry, ...] = ()
+    if args.endpoints is not None:
+        if args.mock or args.base_url:
+            raise UsageError("--endpoints names every endpoint's base_url: leave out --mock and --base-url")
+        endpoints = tuple(read_endpoints(args.endpoints, reserve=reserve))
+        if args.redis and not (args.rpm or args.tpm) and any(e.limits is None for e in endpoints):
+            raise UsageError("--redis shares the limits: give every endpoint of --endpoints its rpm and/or tpm "
+                             "(or --rpm/--tpm for those that give none)")
+        key, base_url = "", None
+    elif args.mock:
         if args.base_url:
             raise UsageError("--mock runs its own server: leave out --base-url")
         key, base_url = _MOCK_KEY, None
@@ -320,7 +355,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         raise UsageError(f"the output's directory does not exist: {output.parent}")
     if output.exists() and output.resolve() == source.resolve():
         raise UsageError("the output file is the input file")
-    if args.redis and not (args.rpm or args.tpm):
+    if args.redis and not (args.rpm or args.tpm) and not endpoints:
         raise UsageError("--redis shares the limits: give --rpm and/or --tpm (for all processes together)")
     if args.redis and args.mock:
         raise UsageError("--redis with --mock: each run would have its own mock server; use --base-url")
@@ -332,8 +367,10 @@ def _plan(args: argparse.Namespace) -> Plan:
     return Plan(source, output, args.model, key, base_url, args.mock, args.rpm, args.tpm, args.workers,
                  args.max_attempts, args.redis, args.redis_grace, args.budget, args.prices, args.cache,
                  tuple(args.fallback), args.metrics_port, args.rerun_changed, args.echo_request, args.quiet,
-                 tuple(args.limit), args.tier, args.deadline, args.flex_fallback, args.dry_run, args.batch_size,
-                 args.poll_interval, coalesce=not args.no_coalesce, trim=args.trim)
+                 tuple((model, replace(limits, reserve=reserve)) for model, limits in args.limit), args.tier,
+                 args.deadline, args.flex_fallback, args.dry_run, args.batch_size, args.poll_interval,
+                 coalesce=not args.no_coalesce, trim=args.trim, endpoints=endpoints, reserve=tuple(reserve.items()),
+                 priority=args.priority)
 
 
 async def _execute(
@@ -346,18 +383,21 @@ async def _execute(
         _StartFailed: the run could not start (a bad prices file, an unreachable Redis); nothing was sent.
     """
     async with contextlib.AsyncExitStack() as stack:
-        client = await _client(plan, stack)
+        # With --endpoints each endpoint has a client of its own, made with the pool.
+        client = None if plan.endpoints else await _client(plan, stack)
         if plan.tier in ("batch", "auto"):
+            assert client is not None  # --endpoints serves the online tiers only
             requests = await run_batches(plan, client, writer, state, progress, prior, scan)
             if requests is None:
                 return  # every request ran on the Batch API, or the run stopped
         else:
-            requests = input_requests(plan.input, plan.model, writer, state, prior, scan, writer.expect)
+            requests = input_requests(plan.input, plan.model, writer, state, prior, scan, writer.expect,
+                                      plan.priority)
         await _run_online(plan, client, writer, state, progress, requests, budget_left, stack)
 
 
 async def _run_online(
-    plan: Plan, client: AsyncOpenAI, writer: OutputWriter, state: RunState, progress: Progress,
+    plan: Plan, client: AsyncOpenAI | None, writer: OutputWriter, state: RunState, progress: Progress,
     requests: Iterator[Request], budget_left: float | None, stack: contextlib.AsyncExitStack,
 ) -> None:
     """Run ``requests`` through a pool (flex for --tier flex; flex where offered, else standard, for what --tier
@@ -420,7 +460,7 @@ async def _client(plan: Plan, stack: contextlib.AsyncExitStack) -> AsyncOpenAI:
 
 
 async def _pool(
-    plan: Plan, client: AsyncOpenAI, state: RunState, writer: OutputWriter, budget_left: float | None,
+    plan: Plan, client: AsyncOpenAI | None, state: RunState, writer: OutputWriter, budget_left: float | None,
     stack: contextlib.AsyncExitStack,
 ) -> Pool:
     """The shared limiter (with --redis) and the pool, not yet entered.
@@ -428,10 +468,20 @@ async def _pool(
     Raises:
         SchedulerError: one of them cannot be made (nothing was sent).
     """
+    from openai import AsyncOpenAI, DefaultAioHttpClient
+
     from ..admission import Limiter
     from ..transport import OpenAITransport
 
-    limits = Limits(rpm=plan.rpm, tpm=plan.tpm) if plan.rpm or plan.tpm else None
+    def make_client(**settings: Any) -> AsyncOpenAI:
+        made = AsyncOpenAI(**settings, http_client=DefaultAioHttpClient())
+        stack.push_async_callback(made.close)
+        return made
+
+    # With --endpoints, each endpoint has a client of its own (its key from its own variable).
+    endpoints = build_endpoints(plan.endpoints, make_client, lambda inner: FirstSend(inner, state))
+    reserve = dict(plan.reserve)
+    limits = Limits(rpm=plan.rpm, tpm=plan.tpm, reserve=reserve) if plan.rpm or plan.tpm else None
     store = None
     if plan.redis is not None:
         # Connected here rather than by the pool, to set how long a Redis outage is waited through.
@@ -440,7 +490,7 @@ async def _pool(
         assert limits is not None  # checked in _plan
         store = await RedisStore.connect(plan.redis, outage_grace_s=plan.redis_grace_s)
     # The pool closes the limiter (and so the store's connections) when it closes.
-    limiter = Limiter(limits, model_limits=dict(plan.model_limits), store=store)
+    limiter = Limiter(limits, model_limits=dict(plan.model_limits), store=store, reserve=reserve)
     cache: Any = plan.cache
     if cache == "redis":
         from ..cache import RedisCache
@@ -454,10 +504,11 @@ async def _pool(
     # No model for the pool: every body names one, and a pool with a model waits for its tokenizer.
     pool = Pool(
         client=client,  # requests go through the transport
+        endpoints=endpoints,
         limiter=limiter,
         workers=plan.workers, max_attempts=plan.max_attempts, queue_size=_READ_AHEAD,
         sink=Recorder(writer, state, prices),
-        transport=FirstSend(OpenAITransport(client), state),
+        transport=FirstSend(OpenAITransport(client), state) if client is not None else None,
         budget_usd=budget_left, prices=prices, cache=cache, fallbacks=plan.fallbacks,
         estimator=WarmEstimator(state.tokenizer_ready),
         flex_fallback="standard" if plan.tier == "auto" else plan.flex_fallback,  # type: ignore[arg-type]

@@ -204,7 +204,7 @@ class LogFilter:
 
 def input_requests(
     source: Path, model: str, writer: OutputWriter, state: RunState, prior: OutputScan, scan: InputScan,
-    expect: Callable[[str, int, Any, Any], None],
+    expect: Callable[[str, int, Any, Any], None], priority: int = 0,
 ) -> Iterator[Request]:
     """The input's requests not done yet, read as they are wanted; invalid lines become error records.
 
@@ -217,6 +217,7 @@ def input_requests(
         scan: what the first pass over the input found.
         expect: told ``(custom_id, request hash, metadata, body)`` of each request before it is yielded
             (``OutputWriter.expect``, or a store of its own for results that come much later).
+        priority: the priority of lines that give none.
     """
     counts = state.counts
     resuming = len(prior.done) > 0
@@ -228,7 +229,7 @@ def input_requests(
                 custom_id = line_custom_id(number, raw)
                 if prior.is_done(custom_id) and custom_id not in scan.changed:
                     continue  # done by an earlier run (its request checked by scan_input)
-            line = parse_line(number, raw, model=model)
+            line = parse_line(number, raw, model=model, priority=priority)
             if line.request is None:
                 log.warning("invalid_line", file=str(source), line=number, custom_id=line.custom_id,
                             problem=line.problem)

@@ -182,7 +182,7 @@ async def _source(
 ) -> AsyncIterator[Request]:
     """The input's requests not done yet, letting the event loop turn every so many lines; at the end of the
     input, ``auto`` decides whether there is time for batches at all (before any is submitted)."""
-    requests = input_requests(plan.input, plan.model, writer, state, prior, scan, expected.note)
+    requests = input_requests(plan.input, plan.model, writer, state, prior, scan, expected.note, plan.priority)
     for count, request in enumerate(requests, 1):
         yield request
         if count % _LINES_A_TURN == 0:
@@ -295,6 +295,9 @@ def check_tier_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--deadline plans --tier auto")
     if args.flex_fallback is not None and tier != "flex":
         raise UsageError("--flex-fallback is for --tier flex (--tier auto always falls back to standard)")
+    if tier in ("batch", "auto") and args.endpoints is not None:
+        raise UsageError(f"--tier {tier} sends batches through one endpoint (--base-url): --endpoints is for the "
+                         "online tiers")
     if tier == "batch":
         online_only = [("--redis", args.redis), ("--cache", args.cache), ("--fallback", args.fallback),
                        ("--budget", args.budget is not None), ("--metrics-port", args.metrics_port is not None)]
