@@ -376,5 +376,5 @@ async def test_each_model_has_buckets_of_its_own() -> None:
     sent = {m: [t for t, (_, body) in zip(transport.sent_at, transport.calls, strict=True) if body["model"] == m]
             for m in ("gpt-4o-mini", "gpt-4o")}
     assert sent["gpt-4o-mini"] == [0.0, 1.0, 2.0]
-    assert sent["gpt-4o"] == [0.0, 0.0, 0.5]  # a burst of two, then two a second
+    assert sent["gpt-4o"] == [0.0, 0.5, 1.0]  # it starts with half its burst of two, then two a second
     assert scopes == {"gpt-4o-mini": limits, "gpt-4o": scheduler.Limits(rpm=120)}

@@ -115,10 +115,10 @@ async def test_under_redis_the_reservation_holds_across_processes_sharing_the_bu
             async with clock.autojump():
                 await urgent
                 await feeding
-    # A shared bucket of 7.5 requests (a quarter kept for the processes' jitter): the bulk run, kept from the
-    # fifth held for priority 0, stops at 6 and the urgent request goes at once; without the reservation the
-    # bulk run took the seventh and the urgent request had to wait for the bucket to refill.
-    assert (taken, went) == ((6, True) if reserve else (7, False))
+    # A shared bucket of 7.5 requests (a quarter kept for the processes' jitter), starting with 3.75: the bulk
+    # run, kept from the fifth of the bucket held for priority 0 (1.5), stops at 2 and the urgent request goes at
+    # once; without the reservation the bulk run took a third and the urgent request had to wait for a refill.
+    assert (taken, went) == ((2, True) if reserve else (3, False))
 
 
 def test_learned_limits_keep_the_reservation() -> None:

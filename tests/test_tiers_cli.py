@@ -156,8 +156,9 @@ async def test_kill_9_while_polling_then_rerun_submits_no_batch_twice_and_writes
 ) -> None:
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_chats(source, 50)
-    # Two batches: r0-r39 take 4 s in the mock, r40-r49 take 1 s; kill once the small one is written.
-    async with mock(BatchMockConfig(step_s=0.01, lines_per_s=10)) as server:
+    # Two batches: r0-r39 take 10 s in the mock, r40-r49 take 2.5 s; kill once the small one is written (the
+    # big one still running, however slowly a busy machine starts the process and polls).
+    async with mock(BatchMockConfig(step_s=0.01, lines_per_s=4)) as server:
         cmd = run_cmd(source, output, server, *BATCH, "--batch-size", "40")
         async with await anyio.open_process(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL) as process:

@@ -34,7 +34,8 @@ class BucketParams:
     ``rates`` are the configured rates per second of the limited dimensions (a dimension not listed is not
     limited); a lower limit the server reported (``learned``, shared in the store) wins. A bucket holds
     ``burst_s`` of its rate, less the ``keep`` share, times the burst factor (halved by 429s, widened back by
-    answers), and at least one request. A new bucket starts at ``fill`` of that.
+    answers), and at least one request. A new bucket starts at ``fill`` of that, and with at least one unit (a
+    slow limit's first request goes at once).
     """
 
     rates: Mapping[str, float]
@@ -97,14 +98,14 @@ class BucketState:
         table, levels = self.rates_and_caps(p), self.levels
         if self.updated is None:
             for dim, (_, cap) in table.items():
-                levels[dim] = cap * p.fill.get(dim, 1.0)
+                levels[dim] = _start(cap, p.fill.get(dim, 1.0))
             self.updated = now
             return
         elapsed = now - self.updated
         for dim, (rate, cap) in table.items():
             level = levels.get(dim)
             if level is None:
-                levels[dim] = cap * p.fill.get(dim, 1.0)
+                levels[dim] = _start(cap, p.fill.get(dim, 1.0))
             elif elapsed > 0:
                 levels[dim] = min(cap, level + elapsed * rate)
             else:
@@ -207,3 +208,8 @@ class BucketState:
         for dim in empty:
             if dim in self.levels:
                 self.levels[dim] = min(self.levels[dim], 0.0)
+
+
+def _start(cap: float, fill: float) -> float:
+    """A new bucket's level: ``fill`` of its cap, and at least one unit."""
+    return max(cap * fill, min(cap, 1.0))

@@ -26,9 +26,10 @@ __all__ = ["ScopeModel", "SyncPlan"]
 
 log = structlog.get_logger("scheduler")
 
-# A new bucket starts with all its requests and half its tokens: until the headers calibrate our estimates, the
-# server may count more tokens than we do.
-_FILL = {"requests": 1.0, "tokens": 0.5, "input_tokens": 0.5, "output_tokens": 0.5}
+# A new bucket starts half full: until the headers calibrate our estimates the server may count more tokens than
+# we do, and the first requests reach the server spread over new connections while the bucket refills on our
+# clock (a full first burst met ~1% 429s at 3,000 RPM against a server enforcing one-second bursts).
+_FILL = {"requests": 0.5, "tokens": 0.5, "input_tokens": 0.5, "output_tokens": 0.5}
 # A 429 halves the burst, down to a quarter; every answer synced widens it back by this much.
 _SHRINK, _MIN_BURST, _WIDEN = 0.5, 0.25, 0.01
 _TOKEN_DIMS = frozenset({"tokens", "input_tokens", "output_tokens"})

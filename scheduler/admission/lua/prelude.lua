@@ -26,10 +26,16 @@ local function cap(d)
   return math.max(1, rate(d) * p.burst_s * (1 - p.keep) * burst)
 end
 
+-- A new bucket's level: fill of its cap, and at least one unit.
+local function start(d)
+  local c = cap(d)
+  return math.max(c * (p.fill[d] or 1), math.min(c, 1))
+end
+
 local function refill()
   local ts = st['ts']
   if ts == nil then
-    for _, d in ipairs(p.dims) do st['l:' .. d] = cap(d) * (p.fill[d] or 1) end
+    for _, d in ipairs(p.dims) do st['l:' .. d] = start(d) end
     st['ts'] = now
     return
   end
@@ -38,7 +44,7 @@ local function refill()
     local level = st['l:' .. d]
     local c = cap(d)
     if level == nil then
-      st['l:' .. d] = c * (p.fill[d] or 1)
+      st['l:' .. d] = start(d)
     elseif elapsed > 0 then
       st['l:' .. d] = math.min(c, level + elapsed * rate(d))
     else
