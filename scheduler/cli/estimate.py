@@ -33,7 +33,7 @@ from ..tokens import TokenEstimator, output_cap, output_reservation
 
 if TYPE_CHECKING:
     from ..jsonl import InputScan, OutputScan
-    from .run import Plan
+    from .plan import Plan
 
 from .options import DEFAULT_MODEL, TIER_CHOICES, deadline, fail, model_limit, positive_int, share
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
@@ -50,6 +50,7 @@ from .options import (
     reserve_share,
     seconds,
 )
+from .plan import MOCK_RPM, MOCK_TPM, POLL_S, Plan
 from .runtime import (
     CurrentStderr,
     FirstSend,
@@ -72,13 +73,8 @@ __all__ = ["add_parser"]
 
 log = structlog.get_logger("scheduler")
 
-# --mock without --rpm/--tpm: limits far above what one process sends, and a small, realistic latency.
-_MOCK_RPM = 30_000
-_MOCK_TPM = 50_000_000
-_MOCK_LATENCY_MS = 50.0
+_MOCK_LATENCY_MS = 50.0  # --mock: a small, realistic latency
 _MOCK_KEY = "mock-key"
-# The default longest wait between two polls of running batches.
-_POLL_S = 60.0
 # Requests submitted beyond those in flight: they wait in the pool's queue, where priorities order them.
 _READ_AHEAD = 2048  # a full combined embeddings request (2,048 inputs) can form from what is queued
 _REDIS_UNAVAILABLE = "shared_limit_unavailable"
@@ -116,8 +112,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="print the requests, tokens, cost and time of the plan (as scheduler estimate) and send nothing")
     add("--batch-size", type=positive_int, default=50_000, metavar="N",
         help="batch tiers: requests per batch input file (default and most: 50,000)")
-    add("--poll-interval", type=seconds, default=_POLL_S, metavar="SECONDS",
-        help=f"batch tiers: the longest wait between two polls of running batches (default {_POLL_S:g})")
+    add("--poll-interval", type=seconds, default=POLL_S, metavar="SECONDS",
+        help=f"batch tiers: the longest wait between two polls of running batches (default {POLL_S:g})")
     add("--endpoints", type=Path, metavar="FILE",
         help="several keys, deployments or servers as one pool: a TOML file of [[endpoint]] tables (base_url, "
         "api_key_env, rpm, tpm, models, weight, dialect, name); each request goes to the endpoint that can take "
@@ -163,65 +159,6 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 # ---------------------------------------------------------------------------------------------- run
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What to run, checked before anything is sent (the parsed command line)."""
-
-    input: Path
-    output: Path
-    model: str
-    key: str
-    base_url: str | None
-    mock: bool
-    rpm: int | None
-    tpm: int | None
-    workers: int
-    max_attempts: int
-    redis: str | None = None
-    redis_grace_s: float = 30.0
-    budget_usd: float | None = None
-    prices: Path | None = None
-    cache: str | None = None
-    fallbacks: tuple[str, ...] = ()
-    metrics_port: int | None = None
-    rerun_changed: bool = False
-    echo_requests: bool = False
-    quiet: bool = False
-    #: limits of particular models
-    model_limits: tuple[tuple[str, Limits], ...] = ()
-    #: standard, flex, batch or auto
-    tier: str = "standard"
-    #: the auto tier's deadline, as Unix time
-    deadline_unix: float | None = None
-    flex_fallback: str | None = None
-    dry_run: bool = False
-    #: requests per Batch API input file
-    batch_size: int = 50_000
-    #: the longest wait between two polls of running batches
-    poll_s: float = _POLL_S
-    #: one-text embeddings lines queued together go out as one request
-    coalesce: bool = True
-    #: trim chats to fit their context window
-    trim: bool = False
-
-    #: the endpoints of --endpoints (empty: one, from --base-url and OPENAI_API_KEY)
-    endpoints: tuple[EndpointEntry, ...] = ()
-    #: --reserve: capacity held for urgent work, by priority
-    reserve: tuple[tuple[int, float], ...] = ()
-    #: the priority of input lines that give none
-    priority: int = 0
-
-    def online_limits(self) -> Limits | None:
-        """The online limits of the run's model (its own --limit, else --rpm/--tpm, else the built-in mock's),
-        None when none are known."""
-        own = dict(self.model_limits).get(self.model)
-        if own is not None:
-            return own
-        if self.rpm or self.tpm:
-            return Limits(rpm=self.rpm, tpm=self.tpm)
-        return Limits(rpm=_MOCK_RPM, tpm=_MOCK_TPM) if self.mock else None
 
 
 class _StartFailed(Exception):
@@ -452,7 +389,7 @@ async def _client(plan: Plan, stack: contextlib.AsyncExitStack) -> AsyncOpenAI:
         from ..mock import MockConfig, MockServer
 
         # Its Batch API runs in accelerated time (seconds instead of hours): see BatchMockConfig.
-        config = MockConfig(rpm=plan.rpm or _MOCK_RPM, tpm=plan.tpm or _MOCK_TPM, latency_ms=_MOCK_LATENCY_MS)
+        config = MockConfig(rpm=plan.rpm or MOCK_RPM, tpm=plan.tpm or MOCK_TPM, latency_ms=_MOCK_LATENCY_MS)
         base_url = (await stack.enter_async_context(MockServer(config))).base_url
     client = AsyncOpenAI(api_key=plan.key, base_url=base_url, http_client=DefaultAioHttpClient())
     stack.push_async_callback(client.close)

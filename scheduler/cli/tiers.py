@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from ..cost import PriceTable
     from ..limits import Limits
     from ..progress import RunCounts
-    from .run import Plan
+    from .plan import Plan
 
 __all__ = ["check_tier_arguments", "flex_extra", "run_batches", "saving", "tier_figures"]
 

@@ -11,7 +11,7 @@ from .options import NO_KEY, batch_state
 from .runtime import RunState
 
 if TYPE_CHECKING:
-    from .run import Plan
+    from .plan import Plan
 
 __all__ = ["SIGNAL_EXIT", "refusal", "verdict"]
 
