@@ -129,8 +129,9 @@ class Attempts:
                 failure = exc
             finally:
                 self.dispatcher.free_worker(job)
+            answered_at = self.clock.now()
             await self._observe(job, state, response, sent_at, mark)
-            self._tell_endpoint(job, state, response, failure, self.clock.now() - sent_at)
+            self._tell_endpoint(job, state, response, failure, answered_at, answered_at - sent_at)
             await self._conclude(job, response, failure)
         except asyncio.CancelledError:
             self.dispatcher.free_worker(job)
@@ -172,9 +173,8 @@ class Attempts:
             self.dispatcher.stop(exc)
 
     def _tell_endpoint(self, job: Job, state: EndpointState, response: Response | None,
-                       failure: TransportFailure | None, latency_s: float) -> None:
-        """The endpoint's breaker and concurrency learn how the attempt went."""
-        now = self.clock.now()
+                       failure: TransportFailure | None, now: float, latency_s: float) -> None:
+        """The endpoint's breaker and concurrency learn how the attempt went (``now``: when it ended)."""
         status = response.status if response is not None else None
         # A 429 is an answer too: the endpoint is up, only busy (a probe answered 429 must not leave the
         # circuit half-open for good).

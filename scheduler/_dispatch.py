@@ -104,13 +104,20 @@ class Dispatcher:
         """The most urgent job among the lanes that may admit now; else None and when one may."""
         if self._budget_wait:
             return None, math.inf  # woken when a hold comes back
+        heads, blocked = self.queue.heads(), self._blocked
+        if not blocked:
+            return (self.queue.pop_lane(heads[0][2]) if heads else None), math.inf
         now, retry_at = self.clock.now(), math.inf
-        for priority, _, lane in self.queue.heads():
-            until, blocked_priority = self._blocked.get(lane, (-math.inf, 0))
-            # A more urgent job than the one refused may fit (it may spend what is kept for urgent work).
-            if until > now and priority >= blocked_priority:
-                retry_at = min(retry_at, until)
-                continue
+        for priority, _, lane in heads:
+            block = blocked.get(lane)
+            if block is not None:
+                until, blocked_priority = block
+                if until <= now:
+                    del blocked[lane]
+                # A more urgent job than the one refused may fit (it may spend what is kept for urgent work).
+                elif priority >= blocked_priority:
+                    retry_at = min(retry_at, until)
+                    continue
             return self.queue.pop_lane(lane), retry_at
         return None, retry_at
 

@@ -86,13 +86,14 @@ class ScopeLimiter:
                 return _PROBE_POLL_S
             self._probing = True
             return 0.0
-        now = self._clock.now()
-        claim = self._refused_since is not None and now - self._refused_since >= self.reserve_after_s
+        refused_since = self._refused_since
+        # Read the clock only when refusals are in play: this is on every admission's path.
+        claim = refused_since is not None and self._clock.now() - refused_since >= self.reserve_after_s
         wait, binding = await self.store.acquire(self._key, params, costs, self.model.floor(priority), self._owner,
                                                  claim, self.grace_s)
         if wait > 0.0:
-            if self._refused_since is None:
-                self._refused_since = now
+            if refused_since is None:
+                self._refused_since = self._clock.now()
             if binding is not None and binding != "requests":
                 self.model.calibration.token_bound()
             return wait
