@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from bench_shared_limit import private_redis
-from common import MODEL, RESULTS, machine, mock_server, percentile, prompts, table, write_json
+from common import MODEL, RESULTS, machine, mock_server, percentile, private_redis, prompts, table, write_json
 
 SCENARIOS = ("two", "quota", "errors", "azure", "reserve")
 KEYS = {"KEY_A": "sk-bench-a-0000000000aaaa", "KEY_B": "sk-bench-b-0000000000bbbb"}

@@ -24,6 +24,7 @@ Run: ``python benchmarks/bench_shared_limit.py [--runs 10] [--setups local,redis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import MODEL, RESULTS, free_port, machine, mock_server, prompts, reset, stats, table, write_json
+from common import MODEL, RESULTS, machine, mock_server, private_redis, prompts, reset, stats, table, write_json
 
 
 def write_inputs(folder: Path, count: int, parts: int, max_tokens: int) -> list[Path]:
@@ -112,30 +113,21 @@ def main() -> None:
     mock_args = ["--rpm", str(args.rpm), "--tpm", str(args.tpm), "--latency-ms", str(args.latency_ms),
                  "--latency-sigma", "0.3"]
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, mock_server(*mock_args) as base_url:
-        folder = Path(tmp)
-        redis = None
-        if any(s.startswith("redis") for s in setups):
-            port = free_port()
-            redis = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL)
-            time.sleep(0.5)
-        try:
-            for run in range(1, args.runs + 1):
-                for setup in setups:
-                    (folder / setup).mkdir(exist_ok=True)
-                    parts = 4 if setup.endswith("4") else 1
-                    inputs = write_inputs(folder / setup, args.requests, parts, args.max_tokens)
-                    url = f"redis://127.0.0.1:{port}/{run % 16}" if setup.startswith("redis") else None
-                    share = 4 if setup == "quarter4" else 1
-                    row = {"setup": setup, "run": run,
-                           **run_once(base_url, inputs, folder / setup, args, url, share)}
-                    rows.append(row)
-                    print(table([row], list(row)), flush=True)
-        finally:
-            if redis is not None:
-                redis.terminate()
-                redis.wait(10)
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        base_url = stack.enter_context(mock_server(*mock_args))
+        redis = stack.enter_context(private_redis()) if any(s.startswith("redis") for s in setups) else None
+        for run in range(1, args.runs + 1):
+            for setup in setups:
+                (folder / setup).mkdir(exist_ok=True)
+                parts = 4 if setup.endswith("4") else 1
+                inputs = write_inputs(folder / setup, args.requests, parts, args.max_tokens)
+                # A fresh database a run: no state left from the last one.
+                url = f"{redis.rsplit('/', 1)[0]}/{run % 16}" if redis and setup.startswith("redis") else None
+                share = 4 if setup == "quarter4" else 1
+                row = {"setup": setup, "run": run, **run_once(base_url, inputs, folder / setup, args, url, share)}
+                rows.append(row)
+                print(table([row], list(row)), flush=True)
     summary = []
     for setup in setups:
         runs = [r for r in rows if r["setup"] == setup]

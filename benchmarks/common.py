@@ -8,9 +8,12 @@ import logging
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -64,6 +67,31 @@ def mock_process(*args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server on a free loopback port, no persistence, for the benchmark's life; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not on PATH (apt-get install redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                 "no", "--dir", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            import redis
+
+            url = f"redis://127.0.0.1:{port}/0"
+            for _ in range(500):
+                with contextlib.suppress(redis.ConnectionError), redis.Redis.from_url(url) as connection:
+                    connection.ping()
+                    break
+                time.sleep(0.02)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 def stats(base_url: str) -> dict[str, Any]:

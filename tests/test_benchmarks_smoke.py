@@ -162,3 +162,17 @@ def test_shared_limit_benchmark_runs_through_the_cli(tmp_path: Path) -> None:
     rows = {row["setup"]: row for row in orjson.loads(result.read_bytes())["rows"]}
     assert rows["local"]["lines"] == rows["quarter4"]["lines"] == 40
     assert rows["local"]["failed"] == rows["quarter4"]["failed"] == 0
+
+
+def test_endpoints_benchmark_runs_two_endpoints_through_the_cli(tmp_path: Path) -> None:
+    result = tmp_path / "endpoints.json"
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_endpoints.py"), "--runs", "1", "--scenarios", "two,errors",
+         "--requests", "40", "--rpm", "60000", "--latency-ms", "5", "--json", str(result)],
+        capture_output=True, text=True, env=env, cwd=BENCHMARKS, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["scenario"]: row for row in orjson.loads(result.read_bytes())["rows"]}
+    assert all(row["lines"] == 40 and row["failed"] == 0 for row in rows.values())
+    assert rows["errors"]["failing_requests"] > 0  # the failing endpoint was tried, and routed around
