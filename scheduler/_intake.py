@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -41,7 +42,7 @@ class Intake:
         self, *, estimator: TokenEstimator, windows: ContextWindows, shaping: Shaping, budget: Budget | None,
         cache: ResponseCache | None, cache_scope: str, flights: Flights, coalescing: Coalescing | None,
         clock: Clock, queue: JobQueue[Job], settler: Settler, dispatcher: Dispatcher, router: Router,
-        counters: Counters,
+        counters: Counters, check_running: Callable[[], None],
     ) -> None:
         self.estimator = estimator
         self.windows = windows
@@ -58,6 +59,8 @@ class Intake:
         self.dispatcher = dispatcher
         self.router = router
         self.counters = counters
+        #: raises PoolClosed once the pool has closed: no job is made for a pool that will not run it
+        self.check_running = check_running
         self._sequence = itertools.count()
 
     async def new_job(
@@ -72,6 +75,7 @@ class Intake:
         body = self._capped(endpoint, body)
         sent, estimate, shaped = await anyio.to_thread.run_sync(
             shape, endpoint, body, self.estimator, self.windows, shaping or self.shaping, output)
+        self.check_running()  # the pool may have closed meanwhile
         return self._job(endpoint, sent, estimate, custom_id, priority, timeout_s, cacheable, shaped)
 
     def job_now(
@@ -79,6 +83,7 @@ class Intake:
         cacheable: bool | None = None, shaping: Shaping | None = None,
     ) -> Job | None:
         """The job, made at once (None: its prompt is long enough to be tokenized in a thread)."""
+        self.check_running()
         # Shaped before it is estimated: the estimate charged is that of what is sent.
         body, output = prepare_body(endpoint, body)
         body = self._capped(endpoint, body)

@@ -241,7 +241,7 @@ class Pool:
             shaping=Shaping(trim_policy(trim), parse_retries), budget=self._budget, cache=self._cache,
             cache_scope=self._cache_scope, flights=self._flights, coalescing=self._coalescing, clock=self._clock,
             queue=self._queue, settler=self._settler, dispatcher=self._dispatcher, router=self._router,
-            counters=self._counters,
+            counters=self._counters, check_running=self._check_running,
         )
         self._attempts = Attempts(
             dispatcher=self._dispatcher, settler=self._settler, router=self._router, fallbacks=chain,

@@ -7,6 +7,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 import pytest
 from structlog.testing import capture_logs
 
@@ -299,6 +300,24 @@ async def test_submit_outside_the_pool_is_refused() -> None:
     pool = scheduler.Pool(transport=FakeTransport(), model="m")
     with pytest.raises(scheduler.PoolClosed):
         await pool.submit("x")
+
+
+async def test_every_way_in_is_refused_once_the_pool_has_closed() -> None:
+    """A job made for a closed pool would never settle: stream, map, embed and a submit waiting for room are
+    refused instead."""
+    clock = FakeClock()
+    transport = FakeTransport(clock=clock)
+    async with clock.autojump(), make_pool(transport, clock, queue_size=1) as pool:
+        await pool.submit("before", max_tokens=5)
+    with anyio.fail_after(10):  # a guard: without the refusal, the stream waits forever
+        with pytest.raises(scheduler.PoolClosed):
+            async for _ in pool.stream("x", max_tokens=5):
+                pass
+        with pytest.raises(scheduler.PoolClosed):
+            async for _ in pool.map(["x"], max_tokens=5):
+                pass
+        with pytest.raises(scheduler.PoolClosed):
+            await pool.embed(["x"])
 
 
 async def test_bodies_and_endpoints() -> None:
