@@ -162,7 +162,7 @@ class ScopeModel:
             if bound is not None:
                 bounds[dim] = bound
             if dim == "tokens" and window.remaining is not None:
-                self._calibrate_on(window, limit, sent_at, marks)
+                self._calibrate_on(window, configured, sent_at, marks)
         self._usage = frozenset(usage)
         return SyncPlan(bounds, learned)
 
@@ -178,13 +178,16 @@ class ScopeModel:
             return None  # the window has turned since: what it said is stale
         return window.remaining - safety
 
-    def _calibrate_on(self, window: Window, limit: float, sent_at: float, marks: Mapping[str, float]) -> None:
+    def _calibrate_on(self, window: Window, configured: float, sent_at: float, marks: Mapping[str, float]) -> None:
         # Only a continuously refilled bucket that keeps the reservation shows our estimate's error; a fixed
         # window or a count of real usage would teach a wrong ratio (the refill term would read as consumption).
         if window.refill != "continuous" or window.charges != "reservation":
             return
-        assert window.remaining is not None
-        self.calibration.observe(limit, window.remaining, sent_at, marks.get("raw", 0.0))
+        assert window.remaining is not None and window.limit is not None
+        # The server's bucket is read against its own limit. Below it by our own choice (a share of the
+        # organisation's limit), its room is ours to leave, not a sign that we overestimate.
+        self.calibration.observe(window.limit, window.remaining, sent_at, marks.get("raw", 0.0),
+                                 at_server_limit=configured >= window.limit * 0.999)
 
     def usage_refund(self, costs: Mapping[str, float], prompt_tokens: int, completion_tokens: int
                      ) -> dict[str, float]:
