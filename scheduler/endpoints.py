@@ -7,14 +7,15 @@
                          ▼
                       the first that admits now, least loaded for its weight first; else the soonest wait
 
-A run of 5xx, timeouts or dropped connections opens an endpoint's circuit breaker (a cool-down, then one probe);
-a retry prefers another endpoint; a refused key or an exhausted quota retires the endpoint for the run, and only
-when no endpoint serves a model do its jobs stop. An endpoint that states no limits at all (vLLM, Ollama) is
-paced by adaptive concurrency instead (:mod:`scheduler.concurrency`).
+5xx, timeouts or dropped connections in half of an endpoint's last 20 answers open its circuit breaker (a
+cool-down, then one probe); a retry prefers another endpoint; a refused key or an exhausted quota retires the
+endpoint for the run, and only when no endpoint serves a model do its jobs stop. An endpoint that states no limits
+at all (vLLM, Ollama) is paced by adaptive concurrency instead (:mod:`scheduler.concurrency`).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -91,18 +92,26 @@ class Endpoint:
 
 
 class CircuitBreaker:
-    """Closed while an endpoint answers; open after ``threshold`` failures in a row (5xx, timeouts, dropped
-    connections) for a cool-down that doubles each time a probe fails, up to ``max_cool_down_s``; then one probe."""
+    """Closed while an endpoint answers; open when at least half of its last ``window`` answers were failures
+    (5xx, timeouts, dropped connections), for a cool-down that doubles each time a probe fails, up to
+    ``max_cool_down_s``; then one probe.
 
-    __slots__ = ("_cool_down_s", "_failures", "_initial_cool_down_s", "_probing", "max_cool_down_s", "open_until",
-                 "threshold")
+    A share of a window, not failures in a row: failures come back fast and answers slowly, so at a hundred
+    requests a second a few percent of 5xx arrive in runs of five that say nothing about the endpoint, and the
+    circuit opened on them stalled the only endpoint for its cool-down."""
 
-    def __init__(self, threshold: int = 5, cool_down_s: float = 5.0, max_cool_down_s: float = 60.0) -> None:
-        self.threshold = threshold
+    __slots__ = ("_cool_down_s", "_failed", "_initial_cool_down_s", "_outcomes", "_probing", "failure_share",
+                 "max_cool_down_s", "open_until")
+
+    def __init__(self, window: int = 20, failure_share: float = 0.5, cool_down_s: float = 5.0,
+                 max_cool_down_s: float = 60.0) -> None:
+        self.failure_share = failure_share
         self.max_cool_down_s = max_cool_down_s
         self._initial_cool_down_s = cool_down_s
         self._cool_down_s = cool_down_s
-        self._failures = 0
+        #: the last ``window`` answers, True for a failure; ``_failed`` of them failed
+        self._outcomes: collections.deque[bool] = collections.deque(maxlen=window)
+        self._failed = 0
         self._probing = False
         #: no request before this time (-inf: closed)
         self.open_until = -math.inf
@@ -128,24 +137,38 @@ class CircuitBreaker:
             if not self._probing:
                 return
             log.info("circuit_closed", endpoint=label)
-        self._failures = 0
-        self._probing = False
-        self.open_until = -math.inf
-        self._cool_down_s = self._initial_cool_down_s
+            self._probing = False
+            self.open_until = -math.inf
+            self._cool_down_s = self._initial_cool_down_s
+        self._record(failed=False)
 
     def lost(self) -> None:
         """An attempt ended with no answer to judge by (cancelled): a probe it was is not waited for."""
         self._probing = False
 
     def failure(self, now: float, label: str) -> None:
-        self._failures += 1
         if self._probing:
             self._cool_down_s = min(self.max_cool_down_s, self._cool_down_s * 2)
-        elif self._failures < self.threshold or self.open_until != -math.inf:
-            return
+        elif self.open_until != -math.inf:
+            return  # sent before the circuit opened
+        else:
+            self._record(failed=True)
+            window = self._outcomes
+            if len(window) < (window.maxlen or 0) or self._failed < self.failure_share * len(window):
+                return
         self._probing = False
         self.open_until = now + self._cool_down_s
-        log.warning("circuit_opened", endpoint=label, cool_down_s=self._cool_down_s, failures=self._failures)
+        # The window starts afresh: after the probe's answer closes the circuit, only what follows counts.
+        failed, self._failed = self._failed, 0
+        self._outcomes.clear()
+        log.warning("circuit_opened", endpoint=label, cool_down_s=self._cool_down_s, failures=failed)
+
+    def _record(self, *, failed: bool) -> None:
+        window = self._outcomes
+        if len(window) == window.maxlen and window[0]:
+            self._failed -= 1
+        window.append(failed)
+        self._failed += failed
 
 
 class EndpointState:
@@ -206,7 +229,7 @@ class Router:
 
     def candidates(self, job: Job) -> list[EndpointState]:
         """The endpoints that serve the job's model, least loaded for their weight first; the one that failed
-        the job last goes last (a retry prefers another endpoint)."""
+        the job last goes last (a retry goes back to it only when no other endpoint is merely busy)."""
         model, endpoints = job.model, self.endpoints
         if len(endpoints) == 1:
             return endpoints if endpoints[0].serves(model) else []
@@ -219,12 +242,15 @@ class Router:
         """Charge ``job`` on the first candidate that admits it now and return it (and 0.0); else None and the
         soonest any candidate may (``inf`` when none serves the job's model)."""
         soonest = math.inf
+        busy = False  # another endpoint is up and only at its limit for now
         for state in self.candidates(job):
+            if busy and state is job.avoid:
+                continue  # a retry waits for it rather than go back to the endpoint that just failed it
             if not state.breaker.allows(now):
                 soonest = min(soonest, max(state.breaker.open_until, now + 0.05) - now)
                 continue
             if state.concurrency is not None and state.in_flight >= state.concurrency.limit:
-                soonest = min(soonest, 0.05)
+                soonest, busy = min(soonest, 0.05), True
                 continue
             scope = self.scope(state, job.model)
             if scope.pause_until > now:
@@ -237,7 +263,7 @@ class Router:
             if wait == 0.0:
                 job.scope, job.costs, job.endpoint_state = scope, costs, state
                 return state, 0.0
-            soonest = min(soonest, wait)
+            soonest, busy = min(soonest, wait), True
         return None, soonest
 
     def too_large(self, job: Job) -> int | None:

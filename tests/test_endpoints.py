@@ -183,7 +183,7 @@ async def test_a_refused_key_retires_its_endpoint_and_the_others_do_the_work() -
 async def test_an_endpoint_answering_500s_opens_its_breaker_is_routed_around_and_a_probe_closes_it() -> None:
     clock = FakeClock()
     async with servers(MockConfig(rpm=None, tpm=None), MockConfig(rpm=None, tpm=None), clock=clock) as (s1, s2):
-        s2.inject(*["server_error:500"] * 12)
+        s2.inject(*["server_error:500"] * 20)
         async with client(s1) as c1, client(s2) as c2:
             limits = scheduler.Limits(rpm=1200, tpm=10_000_000)
             endpoints = [scheduler.Endpoint(client=c1, limits=limits, name="healthy"),
@@ -194,20 +194,20 @@ async def test_an_endpoint_answering_500s_opens_its_breaker_is_routed_around_and
                     results = await run_all(pool, 1200)  # a minute of traffic on the healthy endpoint alone
                     failing = endpoint(pool, "failing")
     # Not one request failed: each that met a 500 was retried on the other endpoint (max_attempts=2).
-    assert all(result.ok for result in results)
+    assert [result.error for result in results if not result.ok] == []
     assert all(result.served_by == "healthy" for result in results if result.attempts > 1)
     events = [(log["event"], log.get("endpoint")) for log in logs if log["event"].startswith("circuit_")]
     assert events[0] == ("circuit_opened", "failing") and events[-1] == ("circuit_closed", "failing")
-    # Open, it was sent nothing but probes: its 12 failures, then the probe that found it well.
-    assert failing.failures == 12 and failing.circuit == "closed"
-    assert s2.stats()["faults"] == {"server_error": 12} and served(results)["failing"] > 100
+    # Open, it was sent nothing but probes: its 20 failures, then the probe that found it well.
+    assert failing.failures == 20 and failing.circuit == "closed"
+    assert s2.stats()["faults"] == {"server_error": 20} and served(results)["failing"] > 100
 
 
 # ---------------------------------------------------------------------------- the breaker
 
 
 def test_only_the_probe_closes_an_open_circuit() -> None:
-    breaker = CircuitBreaker(threshold=2, cool_down_s=5.0)
+    breaker = CircuitBreaker(window=2, cool_down_s=5.0)
     breaker.failure(0.0, "e")
     breaker.failure(0.0, "e")
     assert breaker.state == "open" and not breaker.allows(4.9)
@@ -222,8 +222,27 @@ def test_only_the_probe_closes_an_open_circuit() -> None:
     assert breaker.state == "closed" and breaker.allows(16.0)
 
 
+def test_a_run_of_failures_among_answers_does_not_open_the_circuit_half_of_the_window_does() -> None:
+    breaker = CircuitBreaker(window=20, cool_down_s=5.0)
+    for _ in range(15):
+        breaker.success("e")
+    for _ in range(9):  # fast 5xx come back in runs at volume: 9 of the last 20 is under half
+        breaker.failure(0.0, "e")
+    assert breaker.state == "closed"
+    breaker.failure(0.0, "e")  # 10 of the last 20
+    assert breaker.state == "open"
+    breaker.sent(5.0)
+    breaker.success("e")  # the probe: the window starts afresh, failures before it are not held against it
+    assert breaker.state == "closed"
+    for _ in range(18):
+        breaker.failure(6.0, "e")
+    assert breaker.state == "closed"  # 19 answers with the probe's: not yet 20 to judge by
+    breaker.failure(6.0, "e")
+    assert breaker.state == "open"
+
+
 def test_a_probe_that_ends_without_an_answer_lets_the_next_request_probe() -> None:
-    breaker = CircuitBreaker(threshold=1, cool_down_s=5.0)
+    breaker = CircuitBreaker(window=1, cool_down_s=5.0)
     breaker.failure(0.0, "e")
     breaker.sent(5.0)
     assert not breaker.allows(6.0)
@@ -233,13 +252,13 @@ def test_a_probe_that_ends_without_an_answer_lets_the_next_request_probe() -> No
 
 async def test_a_probe_answered_429_closes_the_circuit_instead_of_leaving_it_half_open() -> None:
     clock = FakeClock()
-    transport = FakeTransport(script=[error(500)] * 5 + [rate_limited(0.5), ok()], clock=clock)
+    transport = FakeTransport(script=[error(500)] * 20 + [rate_limited(0.5), ok()], clock=clock)
     with anyio.fail_after(HANG_S):
         async with clock.autojump(), scheduler.Pool(transport=transport, model=MODEL, clock=clock, backoff=FAST,
-                                                     limits=PLENTY, max_attempts=10) as pool:
+                                                     limits=PLENTY, max_attempts=25) as pool:
             result = await pool.submit("hi", max_tokens=5)
             circuit = pool.statistics().endpoints[0].circuit
-    # Five 500s opened the circuit; after the cool-down the probe met a 429 (the endpoint is up, only busy),
-    # which closed it, and the retry succeeded.
-    assert result.ok and result.attempts == 7 and circuit == "closed"
-    assert transport.sent_at[5] >= 5.0
+    # Twenty 500s (a window of them) opened the circuit; after the cool-down the probe met a 429 (the endpoint
+    # is up, only busy), which closed it, and the retry succeeded.
+    assert result.ok and result.attempts == 22 and circuit == "closed"
+    assert transport.sent_at[20] >= transport.sent_at[19] + 5.0
