@@ -61,11 +61,9 @@ class Calibration:
         """A 429 on tokens: the server counted more than we charged."""
         self.ratio = min(self.high, self.ratio * self.step_up)
 
-    def observe(self, limit: float, remaining: float, sent_at: float, raw: float, *, at_server_limit: bool = True
-                ) -> None:
+    def observe(self, limit: float, remaining: float, sent_at: float, raw: float) -> None:
         """One answer's token window: the server's ``limit`` per minute, ``remaining`` when the request (sent at
-        ``sent_at``, with ``raw`` estimated tokens sent by then, its own included) arrived. ``at_server_limit``:
-        our own limit is the server's (not a share of it we keep to), so its room while we wait is our error."""
+        ``sent_at``, with ``raw`` estimated tokens sent by then, its own included) arrived."""
         point = _Point(sent_at, max(0.0, limit - remaining), raw)
         anchor = self._anchor
         if anchor is None:
@@ -81,7 +79,7 @@ class Calibration:
             sample = min(self.high, max(self.low, theirs / ours))
             self.ratio += self.weight * (sample - self.ratio)
             self.samples += 1
-        elif self._token_bound and at_server_limit and point.deficit <= limit * self.full:
+        elif self._token_bound and point.deficit <= limit * self.full:
             # The server's bucket is full while we wait on our token bucket: we count more than it does. Step
             # down; if that overshoots, valid samples (and 429s) bring the ratio back up.
             self.ratio = max(self.low, self.ratio * self.step_down)
