@@ -8,7 +8,7 @@
                       the first that admits now, least loaded for its weight first; else the soonest wait
 
 5xx, timeouts or dropped connections in half of an endpoint's last 20 answers open its circuit breaker (a
-cool-down, then one probe); a retry prefers another endpoint; a refused key or an exhausted quota retires the
+cool-down, then one probe); a retry goes to another endpoint; a refused key or an exhausted quota retires the
 endpoint for the run, and only when no endpoint serves a model do its jobs stop. An endpoint that states no limits
 at all (vLLM, Ollama) is paced by adaptive concurrency instead (:mod:`scheduler.concurrency`).
 """
