@@ -8,6 +8,7 @@ import pty
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -280,3 +281,22 @@ async def test_on_a_terminal_the_summary_speaks_words_not_field_names(tmp_path: 
     assert "first request sent after" in text and "requests in the input" in text
     assert "first_request_s" not in text and not re.search(r"first request s\b", text)
     assert "tokens/min" in text and "/ 50,000,000" in text  # the limit, from the mock's headers
+
+
+# ---------------------------------------------------------------------------------------------- offline
+
+
+async def test_offline_the_estimate_prints_its_json_alone_and_the_warning_on_stderr(tmp_path: Path) -> None:
+    """No tiktoken encoding can be loaded (an empty cache, and every download sent to a proxy on a closed port):
+    ``scheduler estimate --json`` falls back with one warning, on stderr; its stdout is the JSON alone. The
+    warning used to come out on stdout, in front of the JSON, and broke every reader of it."""
+    source = tmp_path / "in.jsonl"
+    write_input(source, 3)
+    closed = "http://127.0.0.1:9"
+    offline = {**env(), "TIKTOKEN_CACHE_DIR": str(tmp_path / "no-encodings"), "HTTPS_PROXY": closed,
+               "https_proxy": closed, "NO_PROXY": "", "no_proxy": ""}
+    cmd = [sys.executable, "-m", "scheduler", "estimate", str(source), "--rpm", "60", "--tpm", "1000000", "--json"]
+    done = await anyio.run_process(cmd, check=False, cwd=REPO, env=offline)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"tokenizer_unavailable" in done.stderr  # the fallback did run
+    assert orjson.loads(done.stdout)["requests"] == 3

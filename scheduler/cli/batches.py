@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from pathlib import Path
 
 import orjson
 
 from ..errors import SchedulerError
-from ..logs import redact
+from ..logs import configure_logging, redact
 from .options import UsageError, api_settings, batch_state, fail
 
 __all__ = ["add_parser"]
@@ -43,6 +44,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _handle(args: argparse.Namespace) -> int:
+    configure_logging(level=logging.WARNING)  # to stderr: stdout is the status, JSON with --json
     command = f"batches {args.action}"
     state = Path(batch_state(args.output))
     if not state.is_file():

@@ -15,6 +15,7 @@ counted with the model's tokenizer and the output reserved is its cap (``max_tok
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
@@ -29,6 +30,7 @@ from ..batch_api import BatchLimits, Splitter, online_seconds
 from ..cost import PriceTable, Tier
 from ..jsonl import line_custom_id, parse_line, read_lines
 from ..limits import Limits
+from ..logs import configure_logging
 from ..tokens import TokenEstimator, output_cap, output_reservation
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _estimate(args: argparse.Namespace) -> int:
+    # Warnings (an offline tokenizer's, say) go to stderr: stdout is the estimate, JSON with --json.
+    configure_logging(level=logging.WARNING)
     source: Path = args.input
     if not source.is_file():
         return fail("estimate", f"no such input file (or not a regular file): {source}")
