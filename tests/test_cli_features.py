@@ -39,6 +39,32 @@ def write_deterministic(path: Path, count: int) -> list[str]:
     return ids
 
 
+async def test_a_mixed_model_input_runs_each_model_at_its_own_limit(tmp_path: Path) -> None:
+    """Two models, each with its own limit on the mock (gpt-4o: 600 RPM, ten a second; gpt-4o-mini: 6,000 RPM)
+    and told so (``--limit gpt-4o=600,...``): the slow model's lines do not hold the fast one's back, and neither
+    meets a 429. The output is written as answers come back, so its order tells the pace without a clock."""
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with source.open("wb") as file:
+        for i in range(60):
+            model = "gpt-4o" if i < 20 else "gpt-4o-mini"  # the slow model's lines first in the file
+            body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": f"question {i}"}]}
+            file.write(orjson.dumps({"custom_id": f"{model}-{i}", "body": body, "method": "POST",
+                                     "url": "/v1/chat/completions"}) + b"\n")
+    config = MockConfig(rpm=6000, tpm=10_000_000, model_limits={"gpt-4o": (600, 1_000_000)})
+    async with MockServer(config) as mock:
+        code, stderr = await scheduler("run", str(source), "-o", str(output), "--base-url", mock.base_url,
+                                       "--rpm", "6000", "--tpm", "10000000", "--limit", "gpt-4o=600,1000000")
+        by_model = mock.stats()["models"]
+    assert code == 0, stderr.decode()
+    assert {model: figures["rate_limited"] for model, figures in by_model.items()} == {"gpt-4o": 0, "gpt-4o-mini": 0}
+    order = ["mini" if record["custom_id"].startswith("gpt-4o-mini") else "4o" for record in read_output(output)]
+    assert (order.count("4o"), order.count("mini")) == (20, 40)
+    # gpt-4o starts with half its burst (5) and then goes ten a second: its last five requests leave a second in
+    # or later. All 40 of gpt-4o-mini, read after them, were answered before (under one bucket of gpt-4o's
+    # limit they would be spread over the whole run).
+    assert order[-5:] == ["4o"] * 5
+
+
 async def test_a_budget_stops_the_run_and_a_bigger_one_resumes_it(tmp_path: Path) -> None:
     source, output, prices = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "prices.json"
     ids = write_input(source, 40)
