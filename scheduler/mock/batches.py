@@ -37,21 +37,20 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import BodyPartReader, web
 
+from .batch_records import Answer, Batch, File, metadata_problem
 from .config import MockConfig
 from .parse import BadRequest, Job, parse_chat, parse_embeddings, parse_responses
 from .render import chat_body, compose, embeddings_body, responses_body
-from .respond import error_response, invalid_key, json_response, request_id
+from .respond import bad_request, cursor_page, error_response, invalid_key, ok, request_id
 
 __all__ = ["BatchMock"]
 
 _ORG = "org-mock"
-_DAY_S = 86_400
 _FILE_PURPOSES = frozenset(
     {"assistants", "assistants_output", "batch", "batch_output", "fine-tune", "fine-tune-results", "vision",
      "user_data", "evals"}
@@ -78,99 +77,6 @@ _STATUS_ERRORS = {
 LineOutcome = int | str
 
 
-@dataclass(slots=True)
-class _File:
-    id: str
-    filename: str
-    purpose: str
-    data: bytes
-    created_at: int
-
-    def obj(self) -> dict[str, Any]:
-        """The FileObject. Batch files expire after 30 days, as OpenAI's default."""
-        batch = self.purpose in ("batch", "batch_output")
-        return {
-            "id": self.id,
-            "object": "file",
-            "bytes": len(self.data),
-            "created_at": self.created_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": "processed",
-            "expires_at": self.created_at + 30 * _DAY_S if batch else None,
-            "status_details": None,
-        }
-
-
-@dataclass(slots=True)
-class _Answer:
-    """How one line was answered: a response (status and body), or an error without one."""
-
-    custom_id: str
-    status: int | None
-    body: Any = None
-    error: dict[str, Any] | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.status is not None and 200 <= self.status < 300
-
-    def line(self) -> dict[str, Any]:
-        """The output (or error) file line, as OpenAI's batch guide shows it."""
-        response = None
-        if self.status is not None:
-            response = {"status_code": self.status, "request_id": _request_id(), "body": self.body}
-        return {"id": "batch_req_" + os.urandom(12).hex(), "custom_id": self.custom_id, "response": response,
-                "error": self.error}
-
-
-@dataclass(slots=True)
-class _Batch:
-    id: str
-    input_file_id: str
-    endpoint: str
-    metadata: dict[str, str] | None
-    created: float  # loop time
-    created_at: int  # unix time
-    expires_at: int
-    status: str = "validating"
-    times: dict[str, int] = field(default_factory=dict)  # in_progress_at, finalizing_at, ... (unix)
-    model: str | None = None
-    #: ``(custom_id, body)`` of each line, once validated
-    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    answers: list[_Answer] = field(default_factory=list)
-    #: enqueued prompt tokens (the server's character estimate)
-    tokens: int = 0
-    errors: list[dict[str, Any]] | None = None
-    started: float = 0.0  # loop time the first line started
-    rate: float = 1.0
-    #: lines answered, once no more are (finalizing and after)
-    done: int | None = None
-    #: scripted: expire once this many lines are answered
-    expire_after: int | None = None
-    #: scripted: fail validation with token_limit_exceeded
-    refuse: bool = False
-    #: the next transition and its loop time (None: the batch has ended)
-    next_step: str | None = "validate"
-    next_at: float = 0.0
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-
-    def answered(self, now: float) -> int:
-        """Lines answered by ``now``."""
-        if self.done is not None:
-            return self.done
-        if self.status != "in_progress":
-            return 0
-        # Loop time is the machine's uptime: its float error grows with it, and after an hour (t + k / rate - t) *
-        # rate fell short of k by more than 1e-9 (a scripted expiry after k lines answered k - 1). A thousandth of
-        # a line is no change in what a client sees, and holds for decades of uptime.
-        n = min(len(self.requests), math.floor((now - self.started) * self.rate + 1e-3))
-        return n if self.expire_after is None else min(n, self.expire_after)
-
-
 class BatchMock:
     """The Files and Batches APIs of a :class:`~scheduler.mock.MockServer` (``server.batches``), with counters
     and scripted faults for tests.
@@ -185,8 +91,8 @@ class BatchMock:
         self._now = now
         self._rng = random.Random(config.seed)
         self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
-        self._files: dict[str, _File] = {}
-        self._batches: dict[str, _Batch] = {}
+        self._files: dict[str, File] = {}
+        self._batches: dict[str, Batch] = {}
         self._wall_offset: float | None = None
         self._scripts: dict[str, deque[LineOutcome]] = {}
         self._expire_next: deque[int] = deque()
@@ -235,7 +141,7 @@ class BatchMock:
 
     def _denied(self, request: web.Request) -> web.Response | None:
         if self._auth is not None and request.headers.get("Authorization") != self._auth:
-            return invalid_key({"x-request-id": _request_id()})
+            return invalid_key({"x-request-id": request_id()})
         return None
 
     def _unix(self, t: float) -> int:
@@ -250,7 +156,7 @@ class BatchMock:
         if (denied := self._denied(request)) is not None:
             return denied
         if request.content_type != "multipart/form-data":
-            return _bad("Invalid Content-Type header: expected multipart/form-data.")
+            return bad_request("Invalid Content-Type header: expected multipart/form-data.")
         purpose: str | None = None
         filename = "file"
         data: bytes | None = None
@@ -264,24 +170,24 @@ class BatchMock:
                 filename = part.filename or filename
                 data = bytes(await part.read(decode=False))
         if data is None:
-            return _bad("Missing required parameter: 'file'.", "file", "missing_required_parameter")
+            return bad_request("Missing required parameter: 'file'.", "file", "missing_required_parameter")
         if purpose is None:
-            return _bad("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
+            return bad_request("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
         if purpose not in _FILE_PURPOSES:
-            return _bad(f"Invalid value for 'purpose': {purpose!r}.", "purpose", "invalid_value")
+            return bad_request(f"Invalid value for 'purpose': {purpose!r}.", "purpose", "invalid_value")
         if purpose == "batch":
             if not filename.endswith(".jsonl"):
-                return _bad("Invalid file format for Batch API. Must be .jsonl", "file", "invalid_file_format")
+                return bad_request("Invalid file format for Batch API. Must be .jsonl", "file", "invalid_file_format")
             limit = self.config.batch.max_bytes
             if len(data) > limit:
-                return _bad(f"The file is {len(data):,} bytes: the Batch API takes files of at most {limit:,} bytes.",
-                            "file", "file_too_large")
+                message = f"The file is {len(data):,} bytes: the Batch API takes files of at most {limit:,} bytes."
+                return bad_request(message, "file", "file_too_large")
         file = self._add_file(filename, purpose, data)
         self.uploads += 1
-        return _ok(file.obj())
+        return ok(file.obj())
 
-    def _add_file(self, filename: str, purpose: str, data: bytes) -> _File:
-        file = _File("file-" + os.urandom(12).hex(), filename, purpose, data, self._unix(self._now()))
+    def _add_file(self, filename: str, purpose: str, data: bytes) -> File:
+        file = File("file-" + os.urandom(12).hex(), filename, purpose, data, self._unix(self._now()))
         self._files[file.id] = file
         return file
 
@@ -292,24 +198,24 @@ class BatchMock:
         files = [f for f in self._files.values() if q.get("purpose") in (None, f.purpose)]
         order = q.get("order", "desc")
         if order not in ("asc", "desc"):
-            return _bad(f"Invalid value for 'order': {order!r}.", "order", "invalid_value")
+            return bad_request(f"Invalid value for 'order': {order!r}.", "order", "invalid_value")
         if order == "desc":
             files.reverse()
-        return _page([f.obj() for f in files], q, default_limit=10_000, max_limit=10_000)
+        return cursor_page([f.obj() for f in files], q, default_limit=10_000, max_limit=10_000)
 
-    def _file(self, request: web.Request) -> _File | web.Response:
+    def _file(self, request: web.Request) -> File | web.Response:
         file_id = request.match_info["file_id"]
         file = self._files.get(file_id)
         if file is None:
             return error_response(404, f"No such File object: {file_id}", "invalid_request_error", "id", None,
-                                  {"x-request-id": _request_id()})
+                                  {"x-request-id": request_id()})
         return file
 
     async def _get_file(self, request: web.Request) -> web.Response:
         if (denied := self._denied(request)) is not None:
             return denied
         file = self._file(request)
-        return file if isinstance(file, web.Response) else _ok(file.obj())
+        return file if isinstance(file, web.Response) else ok(file.obj())
 
     async def _file_content(self, request: web.Request) -> web.Response:
         if (denied := self._denied(request)) is not None:
@@ -318,7 +224,7 @@ class BatchMock:
         if isinstance(file, web.Response):
             return file
         return web.Response(body=file.data, content_type="application/octet-stream",
-                            headers={"x-request-id": _request_id()})
+                            headers={"x-request-id": request_id()})
 
     async def _delete_file(self, request: web.Request) -> web.Response:
         if (denied := self._denied(request)) is not None:
@@ -327,7 +233,7 @@ class BatchMock:
         if isinstance(file, web.Response):
             return file
         del self._files[file.id]
-        return _ok({"id": file.id, "object": "file", "deleted": True})
+        return ok({"id": file.id, "object": "file", "deleted": True})
 
     # -- batches ----------------------------------------------------------------------------------
 
@@ -337,32 +243,32 @@ class BatchMock:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
-            return _bad("We could not parse the JSON body of your request.")
+            return bad_request("We could not parse the JSON body of your request.")
         if not isinstance(body, dict):
-            return _bad("The request body must be a JSON object.")
+            return bad_request("The request body must be a JSON object.")
         for name in ("input_file_id", "endpoint", "completion_window"):
             if not isinstance(body.get(name), str):
-                return _bad(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
+                return bad_request(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
         if body["completion_window"] != "24h":
-            return _bad(f"Invalid value for 'completion_window': {body['completion_window']!r}. Supported values "
-                        "are: '24h'.", "completion_window", "invalid_value")
+            return bad_request(f"Invalid value for 'completion_window': {body['completion_window']!r}. Supported "
+                               "values are: '24h'.", "completion_window", "invalid_value")
         endpoint = body["endpoint"]
         if endpoint not in _PARSERS:
-            return _bad(f"Invalid value for 'endpoint': {endpoint!r}. The mock serves batches for "
+            return bad_request(f"Invalid value for 'endpoint': {endpoint!r}. The mock serves batches for "
                         f"{', '.join(sorted(_PARSERS))}.", "endpoint", "invalid_value")
         metadata = body.get("metadata")
-        if (problem := _metadata_problem(metadata)) is not None:
-            return _bad(problem, "metadata", "invalid_value")
+        if (problem := metadata_problem(metadata)) is not None:
+            return bad_request(problem, "metadata", "invalid_value")
         file = self._files.get(body["input_file_id"])
         if file is None:
-            return _bad(f"No such File object: {body['input_file_id']}", "input_file_id", "invalid_value")
+            return bad_request(f"No such File object: {body['input_file_id']}", "input_file_id", "invalid_value")
         if file.purpose != "batch":
-            return _bad(f"The input file {file.id} has purpose {file.purpose!r}: batches need purpose 'batch'.",
+            return bad_request(f"The input file {file.id} has purpose {file.purpose!r}: batches need purpose 'batch'.",
                         "input_file_id", "invalid_value")
         now = self._now()
         await self._advance(now)
         created_at = self._unix(now)
-        batch = _Batch(
+        batch = Batch(
             id="batch_" + os.urandom(12).hex(), input_file_id=file.id, endpoint=endpoint, metadata=metadata,
             created=now, created_at=created_at, expires_at=created_at + math.ceil(self.config.batch.window_s),
             rate=self.config.batch.lines_per_s, next_at=now + self.config.batch.step_s,
@@ -374,7 +280,7 @@ class BatchMock:
             batch.refuse = True
         self._batches[batch.id] = batch
         self.creates += 1
-        return _ok(self._batch_obj(batch, now))
+        return ok(self._batch_obj(batch, now))
 
     async def _list_batches(self, request: web.Request) -> web.Response:
         if (denied := self._denied(request)) is not None:
@@ -382,14 +288,14 @@ class BatchMock:
         now = self._now()
         await self._advance(now)
         batches = [self._batch_obj(b, now) for b in reversed(self._batches.values())]
-        return _page(batches, request.query, default_limit=20, max_limit=100)
+        return cursor_page(batches, request.query, default_limit=20, max_limit=100)
 
-    def _batch(self, request: web.Request) -> _Batch | web.Response:
+    def _batch(self, request: web.Request) -> Batch | web.Response:
         batch_id = request.match_info["batch_id"]
         batch = self._batches.get(batch_id)
         if batch is None:
             return error_response(404, f"No batch found with id '{batch_id}'.", "invalid_request_error", "batch_id",
-                                  None, {"x-request-id": _request_id()})
+                                  None, {"x-request-id": request_id()})
         return batch
 
     async def _get_batch(self, request: web.Request) -> web.Response:
@@ -398,7 +304,7 @@ class BatchMock:
         now = self._now()
         await self._advance(now)
         batch = self._batch(request)
-        return batch if isinstance(batch, web.Response) else _ok(self._batch_obj(batch, now))
+        return batch if isinstance(batch, web.Response) else ok(self._batch_obj(batch, now))
 
     async def _cancel(self, request: web.Request) -> web.Response:
         if (denied := self._denied(request)) is not None:
@@ -416,8 +322,8 @@ class BatchMock:
             batch.next_step, batch.next_at = "cancel", now + self.config.batch.step_s
             self.cancels += 1
         elif batch.status != "cancelling":
-            return _bad(f"Cannot cancel a batch with status '{batch.status}'.", "batch_id", "invalid_value")
-        return _ok(self._batch_obj(batch, now))
+            return bad_request(f"Cannot cancel a batch with status '{batch.status}'.", "batch_id", "invalid_value")
+        return ok(self._batch_obj(batch, now))
 
     # -- a batch's life ---------------------------------------------------------------------------
 
@@ -430,7 +336,7 @@ class BatchMock:
             batch = min(due, key=lambda b: b.next_at)
             await self._step(batch)
 
-    async def _step(self, batch: _Batch) -> None:
+    async def _step(self, batch: Batch) -> None:
         t = batch.next_at
         step, batch.next_step = batch.next_step, None
         cfg = self.config.batch
@@ -449,7 +355,7 @@ class BatchMock:
         elif step == "cancel":
             self._end(batch, "cancelled", t, "batch_cancelled")
 
-    async def _start(self, batch: _Batch, t: float) -> None:
+    async def _start(self, batch: Batch, t: float) -> None:
         """Validate the input file; then fail the batch, or answer its lines and start it."""
         file = self._files.get(batch.input_file_id)
         errors = self._validate(batch, file.data if file is not None else None)
@@ -480,7 +386,7 @@ class BatchMock:
         else:
             batch.next_step, batch.next_at = "expire", expire
 
-    def _validate(self, batch: _Batch, data: bytes | None) -> list[dict[str, Any]]:
+    def _validate(self, batch: Batch, data: bytes | None) -> list[dict[str, Any]]:
         """OpenAI's checks of an input file; fills ``batch.requests``, ``model`` and ``tokens`` as it goes."""
         if data is None:
             return [_batch_error("invalid_file", f"The input file {batch.input_file_id} no longer exists.")]
@@ -503,7 +409,7 @@ class BatchMock:
             batch.requests = []
         return errors
 
-    def _line_problem(self, batch: _Batch, raw: bytes, seen: set[str]) -> dict[str, Any] | None:
+    def _line_problem(self, batch: Batch, raw: bytes, seen: set[str]) -> dict[str, Any] | None:
         try:
             line = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -545,14 +451,14 @@ class BatchMock:
         batch.requests.append((custom_id, body))
         return None
 
-    def _over_token_limit(self, batch: _Batch) -> bool:
+    def _over_token_limit(self, batch: Batch) -> bool:
         limit = self.config.batch.enqueued_token_limit
         if limit is None:
             return False
         enqueued = sum(b.tokens for b in self._batches.values() if b.model == batch.model and b.status in _ENQUEUED)
         return enqueued + batch.tokens > limit
 
-    async def _answer(self, endpoint: str, custom_id: str, body: dict[str, Any]) -> _Answer:
+    async def _answer(self, endpoint: str, custom_id: str, body: dict[str, Any]) -> Answer:
         """Answer one line: a scripted or random fault, else the online mock's answer."""
         outcome: LineOutcome | None = None
         script = self._scripts.get(custom_id)
@@ -566,21 +472,21 @@ class BatchMock:
             elif draw < cfg.error_rate + cfg.timeout_rate:
                 outcome = "request_timeout"
         if isinstance(outcome, str):
-            return _Answer(custom_id, None, error={"code": outcome, "message": _LINE_ERRORS.get(outcome, outcome)})
+            return Answer(custom_id, None, error={"code": outcome, "message": _LINE_ERRORS.get(outcome, outcome)})
         if outcome is not None:
             kind, message = _STATUS_ERRORS.get(outcome, ("server_error", f"HTTP {outcome}."))
-            return _Answer(custom_id, outcome, _error_body(message, kind))
+            return Answer(custom_id, outcome, _error_body(message, kind))
         if body.get("stream"):
-            return _Answer(custom_id, 400, _error_body("Streaming is not supported in the Batch API.",
+            return Answer(custom_id, 400, _error_body("Streaming is not supported in the Batch API.",
                                                        "invalid_request_error", "stream", "unsupported_value"))
         try:
             job = _PARSERS[endpoint](body, self.config)
         except BadRequest as exc:
-            return _Answer(custom_id, 400, _error_body(exc.message, "invalid_request_error", exc.param, exc.code))
-        return _Answer(custom_id, 200, _answer_body(job, body, self.config), None, job.prompt_tokens,
+            return Answer(custom_id, 400, _error_body(exc.message, "invalid_request_error", exc.param, exc.code))
+        return Answer(custom_id, 200, _answer_body(job, body, self.config), None, job.prompt_tokens,
                        job.completion_tokens * job.n)
 
-    def _end(self, batch: _Batch, status: str, t: float, remainder_code: str) -> None:
+    def _end(self, batch: Batch, status: str, t: float, remainder_code: str) -> None:
         """End ``batch``: its output and error files, the lines it did not answer written as ``remainder_code``."""
         done = batch.answered(t) if batch.done is None else batch.done
         batch.done = done
@@ -590,7 +496,7 @@ class BatchMock:
         if remainder_code:
             message = _LINE_ERRORS[remainder_code]
             failed.extend(
-                _Answer(custom_id, None, error={"code": remainder_code, "message": message}).line()
+                Answer(custom_id, None, error={"code": remainder_code, "message": message}).line()
                 for custom_id, _ in batch.requests[done:]
             )
         if output:
@@ -600,7 +506,7 @@ class BatchMock:
         batch.status = status
         batch.times[f"{status}_at"] = self._unix(t)
 
-    def _batch_obj(self, batch: _Batch, now: float) -> dict[str, Any]:
+    def _batch_obj(self, batch: Batch, now: float) -> dict[str, Any]:
         """The Batch object as ``GET /v1/batches/{id}`` returns it."""
         total = len(batch.requests)
         done = batch.answered(now)
@@ -659,44 +565,6 @@ def _answer_body(job: Job, body: dict[str, Any], config: MockConfig) -> dict[str
     return chat_body(job, answer) if job.endpoint == "chat" else responses_body(job, body, answer)
 
 
-def _metadata_problem(metadata: Any) -> str | None:
-    """What is wrong with a batch's metadata: at most 16 pairs, keys up to 64 characters, string values up to 512."""
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        return "Invalid 'metadata': expected an object."
-    if len(metadata) > 16:
-        return f"Invalid 'metadata': {len(metadata)} keys; at most 16 are allowed."
-    for key, value in metadata.items():
-        if len(key) > 64:
-            return f"Invalid 'metadata': the key {key[:20]!r}... is longer than 64 characters."
-        if not isinstance(value, str) or len(value) > 512:
-            return f"Invalid 'metadata': the value of {key!r} must be a string of at most 512 characters."
-    return None
-
-
-def _page(items: list[dict[str, Any]], query: Any, *, default_limit: int, max_limit: int) -> web.Response:
-    """One cursor page: the items after the ``after`` id, at most ``limit`` of them."""
-    try:
-        limit = int(query.get("limit", default_limit))
-    except ValueError:
-        limit = -1
-    if not 1 <= limit <= max_limit:
-        return _bad(f"Invalid 'limit': expected an integer between 1 and {max_limit}.", "limit", "invalid_value")
-    after = query.get("after")
-    if after is not None:
-        ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
-    data = items[:limit]
-    return _ok({
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(items) > limit,
-    })
-
-
 def _batch_error(code: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": param, "line": None}
 
@@ -707,15 +575,3 @@ def _error_body(message: str, kind: str, param: str | None = None, code: str | N
 
 def _jsonl(lines: list[dict[str, Any]]) -> bytes:
     return b"".join(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE) for line in lines)
-
-
-def _request_id() -> str:
-    return request_id()
-
-
-def _ok(obj: Any) -> web.Response:
-    return json_response(obj, 200, {"x-request-id": _request_id()})
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> web.Response:
-    return error_response(400, message, "invalid_request_error", param, code, {"x-request-id": _request_id()})
