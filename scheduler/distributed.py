@@ -8,7 +8,7 @@
     worker x N ──► Pool on a RedisStore: every worker on every host spends one RPM/TPM budget ──► API
                           │ one script: HSETNX {NAME}:results custom_id → batch line, then XACK and XDEL
                           ▼
-    collect ──► OUTPUT.jsonl, the Batch API output format that ``scheduler run`` writes
+    collect ──► OUTPUT.jsonl, the Batch API output format that ``scheduler run`` writes (distributed_collect.py)
 
 Delivery is at least once, results exactly once: an entry is acknowledged only in the same script that stores its
 result, and a result is stored only if none is (``HSETNX``). A worker killed mid-request leaves its entries
@@ -42,7 +42,7 @@ import structlog
 
 from .admission.redis_store import safe_url
 from .errors import STOPPED_CODES, ConfigurationError
-from .jsonl import parse_line, read_lines, scan_output
+from .jsonl import parse_line, read_lines
 from .logs import redact
 from .pool import Pool
 from .requests import CHAT
@@ -55,18 +55,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DEAD_LETTERED",
     "GROUP",
-    "CollectReport",
     "EnqueueReport",
-    "RunStatus",
     "StreamKeys",
     "StreamUnavailable",
     "Worker",
     "WorkerOptions",
-    "collect",
     "connect",
     "enqueue",
     "run_worker",
-    "status",
 ]
 
 log = structlog.get_logger("scheduler")
@@ -569,85 +565,3 @@ def _on_signals(worker: Worker) -> None:
             loop.add_signal_handler(signum, worker.stop, signal.Signals(signum).name)
         except (NotImplementedError, RuntimeError):  # not on Windows, not off the main thread
             return
-
-
-# ---------------------------------------------------------------------------------------------- collect
-
-
-@dataclass(frozen=True, slots=True)
-class CollectReport:
-    """What :func:`collect` did."""
-
-    #: lines appended to the output
-    written: int
-    #: results already in the output
-    present: int
-
-
-async def collect(client: redis.asyncio.Redis, output: Path, *, stream: str = "scheduler") -> CollectReport:
-    """Append every stored result not yet in ``output`` (Batch API output lines, as ``scheduler run`` writes).
-
-    Idempotent: results already in the file are skipped, and a torn last line is repaired first.
-    """
-    keys = StreamKeys.of(stream)
-    done = scan_output(output).done
-    written = present = 0
-    seen: set[int] = set()  # HSCAN may return an entry twice
-    fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        async for raw_id, line in client.hscan_iter(keys.results, count=1000):
-            custom_id = _text(raw_id)
-            if custom_id in done or hash(custom_id) in seen:
-                present += custom_id in done
-                continue
-            seen.add(hash(custom_id))
-            data = memoryview(line + b"\n")
-            while data:
-                data = data[os.write(fd, data):]
-            written += 1
-    finally:
-        os.close(fd)
-    return CollectReport(written, present)
-
-
-@dataclass(frozen=True, slots=True)
-class RunStatus:
-    """Where a distributed run stands."""
-
-    #: custom_ids ever enqueued
-    enqueued: int
-    #: results stored (errors included)
-    done: int
-    #: of which errors (dead letters and invalid lines included)
-    failed: int
-    dead: int
-    #: delivered to a worker, not yet done
-    in_progress: int
-    #: not yet delivered
-    waiting: int
-    #: consumers known to the group (a killed worker stays listed; a worker that exits cleanly leaves)
-    consumers: int
-
-    def __str__(self) -> str:
-        return (f"enqueued {self.enqueued:,}  done {self.done:,} (failed {self.failed:,}, dead {self.dead:,})  "
-                f"in progress {self.in_progress:,}  waiting {self.waiting:,}  workers {self.consumers}")
-
-
-async def status(client: redis.asyncio.Redis, *, stream: str = "scheduler") -> RunStatus:
-    """The run's counts."""
-    keys = StreamKeys.of(stream)
-    pipe = client.pipeline(transaction=False)
-    pipe.scard(keys.enqueued)
-    pipe.hlen(keys.results)
-    pipe.hget(keys.stats, "failed")
-    pipe.xlen(keys.dead)
-    pipe.xlen(keys.jobs)
-    enqueued, done, failed, dead, held = await pipe.execute()
-    in_progress = consumers = 0
-    try:
-        in_progress = int((await client.xpending(keys.jobs, GROUP))["pending"])
-        consumers = len(await client.xinfo_consumers(keys.jobs, GROUP))
-    except redis.exceptions.ResponseError:
-        pass  # no group yet: nothing enqueued
-    return RunStatus(int(enqueued), int(done), int(failed or 0), int(dead), in_progress,
-                     max(0, int(held) - in_progress), consumers)

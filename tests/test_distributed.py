@@ -18,16 +18,8 @@ import redis.asyncio
 from redis_server import RedisServer, free_port, needs_redis
 
 from scheduler import Limits
-from scheduler.distributed import (
-    DEAD_LETTERED,
-    GROUP,
-    StreamKeys,
-    WorkerOptions,
-    collect,
-    enqueue,
-    run_worker,
-    status,
-)
+from scheduler.distributed import DEAD_LETTERED, GROUP, StreamKeys, WorkerOptions, enqueue, run_worker
+from scheduler.distributed_collect import collect, status
 from scheduler.mock import MockConfig, MockServer
 
 pytestmark = needs_redis

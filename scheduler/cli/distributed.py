@@ -138,7 +138,8 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from ..distributed import collect, connect, status
+    from ..distributed import connect
+    from ..distributed_collect import collect, status
 
     configure_logging(level=logging.WARNING)
     if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
