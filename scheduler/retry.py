@@ -1,4 +1,4 @@
-"""What to do with a failed attempt: the classification table of DESIGN.md section 4, and the backoff."""
+"""What to do with a failed attempt: the classification table (README, "Errors and retries"), and the backoff."""
 
 from __future__ import annotations
 
