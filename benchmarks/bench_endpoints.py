@@ -37,20 +37,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import orjson
-from common import MODEL, RESULTS, machine, mock_server, percentile, private_redis, prompts, table, write_json
+from common import MODEL, RESULTS, machine, mock_server, percentile, private_redis, table, write_chats, write_json
 
 SCENARIOS = ("two", "quota", "errors", "azure", "reserve")
 KEYS = {"KEY_A": "sk-bench-a-0000000000aaaa", "KEY_B": "sk-bench-b-0000000000bbbb"}
 TPM = 100_000_000  # far above what the runs send: requests bind
-
-
-def write_input(path: Path, count: int, max_tokens: int) -> None:
-    with path.open("wb") as file:
-        for i, text in enumerate(prompts(count)):
-            body = {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
-            line = {"custom_id": f"r{i:06d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
-            file.write(orjson.dumps(line) + b"\n")
 
 
 def endpoints_file(path: Path, *entries: dict[str, Any]) -> Path:
@@ -244,8 +235,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         folder = Path(tmp)
-        write_input(folder / "in.jsonl", args.requests, args.max_tokens)
-        write_input(folder / "bulk.jsonl", args.reserve_bulk, args.max_tokens)
+        write_chats(folder / "in.jsonl", args.requests, args.max_tokens)
+        write_chats(folder / "bulk.jsonl", args.reserve_bulk, args.max_tokens)
         redis_url = stack.enter_context(private_redis()) if "reserve" in scenarios else ""
         for run in range(1, args.runs + 1):
             for name in scenarios:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import MODEL, RESULTS, machine, mock_server, prompts, quiet_logs, reset, stats, table, write_json
+from common import MODEL, RESULTS, chat_line, machine, mock_server, prompts, quiet_logs, reset, stats, table, write_json
 
 #: What the CLI's requests meet (the CLI does not stream): shares of admitted requests.
 CLI_FAULTS: dict[str, float] = {
@@ -94,10 +94,7 @@ def write_input(path: Path, texts: Sequence[str], max_tokens: int) -> list[str]:
     ids = [f"request-{i}" for i in range(len(texts))]
     with path.open("wb") as out:
         for custom_id, text in zip(ids, texts, strict=True):
-            out.write(orjson.dumps({
-                "custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens},
-            }, option=orjson.OPT_APPEND_NEWLINE))
+            out.write(chat_line(custom_id, text, max_tokens))
     return ids
 
 

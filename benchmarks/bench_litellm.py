@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import HERE, MODEL, RESULTS, free_port, machine, prompts, table, write_json
+from common import HERE, MODEL, RESULTS, chat_line, free_port, machine, prompts, table, write_json
 
 LITELLM = HERE / "litellm"
 DEFAULT_PYTHON = LITELLM / ".venv" / "bin" / "python"
@@ -240,10 +240,7 @@ def write_input(path: Path, count: int, seed: int = 0) -> None:
     """``count`` Batch API chat requests with prompts of 20-60 words and ``max_tokens`` 50."""
     with path.open("wb") as out:
         for i, text in enumerate(prompts(count, seed)):
-            out.write(orjson.dumps({
-                "custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS},
-            }, option=orjson.OPT_APPEND_NEWLINE))
+            out.write(chat_line(f"request-{i}", text, MAX_TOKENS, MODEL))
 
 
 def read_output(path: Path) -> tuple[int, collections.Counter[str], int]:

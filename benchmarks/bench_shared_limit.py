@@ -36,8 +36,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-from common import MODEL, RESULTS, machine, mock_server, private_redis, prompts, reset, stats, table, write_json
+from common import (
+    RESULTS,
+    chat_line,
+    machine,
+    mock_server,
+    private_redis,
+    prompts,
+    reset,
+    stats,
+    table,
+    write_json,
+)
 
 
 def write_inputs(folder: Path, count: int, parts: int, max_tokens: int) -> list[Path]:
@@ -47,9 +57,7 @@ def write_inputs(folder: Path, count: int, parts: int, max_tokens: int) -> list[
     files = [path.open("wb") for path in paths]
     try:
         for i, text in enumerate(texts):
-            body = {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
-            line = {"custom_id": f"r{i:06d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
-            files[i % parts].write(orjson.dumps(line) + b"\n")
+            files[i % parts].write(chat_line(f"r{i:06d}", text, max_tokens))
     finally:
         for file in files:
             file.close()

@@ -35,17 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from common import RESULTS, machine, mock_server, prompts, stats, table, write_json
+from common import RESULTS, machine, mock_server, stats, table, write_chats, write_json
 
 MODEL = "gpt-5-mini"
-
-
-def write_input(path: Path, count: int, max_tokens: int) -> None:
-    with path.open("wb") as file:
-        for i, text in enumerate(prompts(count)):
-            body = {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
-            line = {"custom_id": f"r{i:06d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
-            file.write(orjson.dumps(line) + b"\n")
 
 
 def command(source: Path, output: Path, base_url: str, args: argparse.Namespace, tier: str) -> list[str]:
@@ -142,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, mock_server(*mock_args) as base_url:
         folder = Path(tmp)
         source = folder / "in.jsonl"
-        write_input(source, args.requests, args.max_tokens)
+        write_chats(source, args.requests, args.max_tokens, MODEL)
         for tier in args.tiers.split(","):
             row = run_tier(source, folder, base_url, args, tier)
             rows.append(row)

@@ -115,6 +115,20 @@ def prompts(count: int, seed: int = 0, words: tuple[int, int] = (20, 60)) -> lis
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) for _ in range(count)]
 
 
+def chat_line(custom_id: str, text: str, max_tokens: int, model: str = MODEL) -> bytes:
+    """One Batch API input line: a chat completion of ``text`` as the user's message."""
+    body = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
+    return orjson.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body},
+                        option=orjson.OPT_APPEND_NEWLINE)
+
+
+def write_chats(path: Path, count: int, max_tokens: int, model: str = MODEL) -> None:
+    """``count`` chat lines (prompts of 20-60 words, ids ``r000000`` on) in a Batch API input file."""
+    with path.open("wb") as file:
+        for i, text in enumerate(prompts(count)):
+            file.write(chat_line(f"r{i:06d}", text, max_tokens, model))
+
+
 def quiet_logs(level: int = logging.WARNING) -> None:
     """Drop the library's log events below ``level`` before they are built (as a production setup would)."""
     # Not cached on first use: run_all.py sets a different level per benchmark in one process.
